@@ -1,0 +1,48 @@
+"""`taskvec` command line. Each subcommand lives in taskvec/commands/<name>.py and defines
+`add_parser(subparsers)` (which must set `func`) — modules are discovered, so adding a command
+touches no other file."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from . import __version__
+from .errors import TaskvecError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskvec",
+        description="Task vectors, the pretrained model's eNTK, early-stopping theory, task arithmetic and merging.",
+    )
+    parser.add_argument("--version", action="version", version=f"taskvec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except TaskvecError as exc:
+        print(f"taskvec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"taskvec {args.command}: interrupted; nothing partial was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of `taskvec`: one module each, discovered by taskvec.cli."""

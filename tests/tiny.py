@@ -1,0 +1,106 @@
+"""Tiny *real* transformers models and a real tokenizer, built from code in seconds (no hub).
+
+Shared by every test module: `tiny_model(arch)`, `tiny_tokenizer()`, `save_hf(model, dir)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+ARCHS = ("gpt2", "bert", "llama", "gpt_neox")
+CORPUS = [
+    "the movie was wonderful and the acting superb",
+    "a dull , boring film with terrible pacing",
+    "what is 3 plus 4 ? 7",
+    "what is 12 minus 5 ? 7",
+    "the market rose sharply after the news",
+    "i love this phone , battery lasts forever",
+    "worst purchase ever , broke in two days",
+    "calculate 6 times 7 . 42",
+] * 4
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[BOS]", "[EOS]"]
+
+
+def tiny_tokenizer(vocab_size: int = 128, kind: str = "causal") -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on a small corpus. kind='causal' prepends [BOS]; 'encoder' wraps in [CLS] … [SEP]."""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
+    if kind == "encoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]", model_max_length=64)
+
+
+def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+    common = dict(vocab_size=vocab_size)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=4, eos_token_id=5, **common)
+    if arch == "bert":
+        return BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                          intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+                           tie_word_embeddings=True, bos_token_id=4, eos_token_id=5, pad_token_id=0, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                             intermediate_size=2 * hidden, max_position_embeddings=64, rotary_pct=0.5,
+                             bos_token_id=4, eos_token_id=5, pad_token_id=0, **common)
+    raise ValueError(f"unknown arch {arch!r}; one of {ARCHS}")
+
+
+_CLASSES = {"gpt2": GPT2LMHeadModel, "bert": BertModel, "llama": LlamaForCausalLM, "gpt_neox": GPTNeoXForCausalLM}
+
+
+def tiny_model(arch: str, seed: int = 0, **config_kw):
+    """A randomly initialised tiny model of `arch` with eager attention, in eval mode."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **config_kw)
+    config._attn_implementation = "eager"
+    kwargs = {"add_pooling_layer": False} if arch == "bert" else {}
+    model = _CLASSES[arch](config, **kwargs)
+    return model.eval()
+
+
+def perturbed(model, scale: float = 1e-2, seed: int = 1):
+    """A copy of `model` with every floating parameter nudged: a stand-in 'fine-tune' with real files."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return out
+
+
+def save_hf(model, path: str | Path, tokenizer=None, **kw) -> Path:
+    """save_pretrained (+ tokenizer) into `path`; kw passes through (max_shard_size, safe_serialization)."""
+    path = Path(path)
+    model.save_pretrained(path, **kw)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
