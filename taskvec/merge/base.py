@@ -1,0 +1,137 @@
+"""What every merge method shares: parameters, validation, per-tensor context, the method record."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import TaskvecError
+
+RESCALES = {
+    "l1": "mergekit: kept entries scaled so the tensor's L1 norm is preserved",
+    "paper": "DARE paper: kept entries scaled by 1/density",
+    "none": "no rescale after dropping",
+}
+TRIMS = {
+    "tensor": "per tensor and per model: keep the top floor(density*numel) |tau| entries (mergekit, TIES paper)",
+    "global": "global per model: keep |tau| >= the model's floor(density*P)-th largest |tau| over all merged tensors",
+}
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Plain merge parameters, named as mergekit names them.
+
+    weights / densities: one value per fine-tune (a single value is broadcast by `resolve`).
+    lambda_: global scale of the merged task vector. normalize / rescale: None = method default.
+    trim: TIES trimming scope ("tensor" or "global"). seed: DARE drop seed.
+    """
+
+    weights: tuple[float, ...] = (1.0,)
+    densities: tuple[float, ...] = (1.0,)
+    lambda_: float = 1.0
+    normalize: bool | None = None
+    rescale: str | None = None
+    trim: str = "tensor"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Where a tensor sits in the merge: its name (seeds DARE) and, for global trimming, per-model thresholds."""
+
+    name: str = ""
+    thresholds: tuple[float, ...] | None = None
+
+
+def _broadcast(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise TaskvecError(f"got {len(values)} --{what} values for {n} fine-tunes; give one value or one per fine-tune")
+    return values
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method: `combine(base, finetunes, params, ctx)` maps fp32 tensors to the merged fp32 tensor."""
+
+    name: str
+    description: str
+    combine: Callable[..., torch.Tensor]
+    uses_density: bool = False
+    uses_seed: bool = False
+    uses_trim: bool = False
+    uses_lambda: bool = True
+    default_normalize: bool = False
+    default_rescale: str | None = None
+    conventions: dict = field(default_factory=dict)
+
+    def resolve(self, params: MergeParams, n_models: int) -> MergeParams:
+        """Broadcast per-model values, fill method defaults, and reject out-of-range parameters."""
+        if n_models < 1:
+            raise TaskvecError(f"{self.name} needs at least one fine-tuned model")
+        weights = _broadcast(params.weights, n_models, "weight")
+        densities = _broadcast(params.densities, n_models, "density")
+        for i, w in enumerate(weights):
+            if not math.isfinite(w):
+                raise TaskvecError(f"--weight for fine-tune {i} is {w}; weights must be finite numbers")
+        for i, d in enumerate(densities):
+            if not (0.0 < d <= 1.0):
+                raise TaskvecError(f"--density for fine-tune {i} is {d}; density must lie in (0, 1] (fraction of entries kept)")
+        if not math.isfinite(params.lambda_):
+            raise TaskvecError(f"--lambda is {params.lambda_}; it must be a finite number")
+        if not self.uses_density and any(d != 1.0 for d in densities):
+            raise TaskvecError(f"{self.name} takes no --density; use ties, dare_linear or dare_ties to sparsify")
+        if not self.uses_lambda and params.lambda_ != 1.0:
+            raise TaskvecError(f"{self.name} takes no --lambda (it averages fine-tuned weights); use task_arithmetic")
+        if params.trim not in TRIMS:
+            raise TaskvecError(f"--trim {params.trim!r}: choose one of {sorted(TRIMS)}")
+        if params.trim != "tensor" and not self.uses_trim:
+            raise TaskvecError(f"{self.name} does no magnitude trimming; --trim global applies to ties only")
+        rescale = params.rescale if params.rescale is not None else self.default_rescale
+        if self.default_rescale is None and params.rescale not in (None, "none"):
+            raise TaskvecError(f"{self.name} does no random dropping; --rescale applies to dare_linear / dare_ties")
+        if rescale is not None and rescale not in RESCALES:
+            raise TaskvecError(f"--rescale {rescale!r}: choose one of {sorted(RESCALES)}")
+        if not isinstance(params.seed, int) or params.seed < 0:
+            raise TaskvecError(f"--seed {params.seed!r}: must be a non-negative integer")
+        normalize = self.default_normalize if params.normalize is None else bool(params.normalize)
+        if normalize and self.name != "ties" and abs(sum(weights)) < 1e-8:
+            raise TaskvecError(f"weights {list(weights)} sum to 0, so normalize=true would divide by zero; "
+                               "change a weight or pass --no-normalize")
+        return replace(params, weights=weights, densities=densities, normalize=normalize, rescale=rescale)
+
+    def record(self, params: MergeParams) -> dict:
+        """The merge record's description of what was computed (parameters and conventions, labelled)."""
+        rec = {"method": self.name, "description": self.description, "weights": list(params.weights),
+               "normalize": params.normalize}
+        if self.uses_lambda:
+            rec["lambda"] = params.lambda_
+        if self.uses_density:
+            rec["densities"] = list(params.densities)
+        if self.uses_trim:
+            rec["trim"] = {"scope": params.trim, "meaning": TRIMS[params.trim]}
+        if self.uses_seed:
+            rec["seed"] = params.seed
+            rec["rescale"] = {"convention": params.rescale, "meaning": RESCALES[params.rescale]}
+        rec["conventions"] = dict(self.conventions)
+        rec["arithmetic_dtype"] = "float32"
+        return rec
+
+
+def tensor_seed(seed: int, name: str, model_index: int) -> int:
+    """A 63-bit seed for one (tensor, model) pair: reproducible whatever order tensors stream in."""
+    digest = hashlib.sha256(f"{seed}\0{model_index}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def weight_column(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Weights as a [T, 1, ..., 1] tensor that broadcasts against a stack of T tensors like `like`."""
+    w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)
+    return w.reshape((-1,) + (1,) * (like.dim() - 1))

@@ -1,0 +1,260 @@
+"""Streaming merge driver: one tensor of each model in memory at a time, output a real HF folder.
+
+`merge_checkpoints(base, finetunes, method, params, out)` pairs every fine-tune with the base
+(`checkpoints.align`), refuses what cannot be merged (shape or vocabulary mismatch, a missing tensor,
+an output folder that already holds a model) before computing anything, then streams tensors through
+the method's per-tensor `combine` in float32 and writes sharded safetensors, the base's config and
+tokenizer files and `taskvec_merge.json` into a temporary folder renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..checkpoints import Checkpoint, align, open_checkpoint
+from ..errors import TaskvecError
+from ..io import atomic_dir, atomic_write_json
+from ..scope import resolve_scope
+from . import get_method
+from .base import MergeMethod, MergeParams, TensorContext
+from .ties import GlobalMagnitudeThreshold
+
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json", "adapter_config.json", "taskvec_merge.json")
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+              "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+              "chat_template.json", "taskvec_head.safetensors")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_VOCAB_RE = re.compile(r"(^|\.)(wte|word_embeddings|embed_tokens|embed_in|tok_embeddings|shared|lm_head|embed_out|"
+                       r"output)\.weight$")
+
+
+def parse_size(size: int | str) -> int:
+    """'2GB' / '500MB' / '1GiB' / bytes → bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise TaskvecError(f"--max-shard-size {size!r}: give a size like 2GB, 500MB or a number of bytes")
+    unit = m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def refuse_existing_output(out: Path, inputs: Sequence[str] = ()) -> None:
+    """TaskvecError if `out` is an input or already holds anything (a model above all); touches nothing."""
+    out = Path(out)
+    for src in inputs:
+        try:
+            if Path(src).exists() and out.resolve() == Path(src).resolve():
+                raise TaskvecError(f"--out {out} is one of the input models; choose a new folder")
+        except OSError:
+            pass
+    if out.exists():
+        if not out.is_dir():
+            raise TaskvecError(f"--out {out} is an existing file; choose a new folder")
+        held = [p.name for p in out.iterdir() if p.name in MODEL_FILES or p.suffix == ".safetensors"]
+        if held:
+            raise TaskvecError(f"--out {out} already holds a model ({', '.join(sorted(held)[:3])}); "
+                               "choose another folder or delete it yourself — nothing was changed")
+        if any(out.iterdir()):
+            raise TaskvecError(f"--out {out} exists and is not empty; choose a new or empty folder")
+
+
+def _base_folder(base: Checkpoint) -> Path | None:
+    p = Path(base.source)
+    if p.is_dir():
+        return p
+    if p.is_file():
+        return p.parent
+    return None
+
+
+def _plan(base: Checkpoint, names: list[str], out_dtypes: dict[str, torch.dtype], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        b = base.numel(n) * torch.empty((), dtype=out_dtypes[n]).element_size()
+        if shards[-1] and size + b > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += b
+    return shards
+
+
+def _check_pairs(base: Checkpoint, fts: list[Checkpoint], scope_names: list[str]):
+    """Alignment of each fine-tune; errors for whatever would make an in-scope tensor unmergeable."""
+    in_scope = set(scope_names)
+    alignments = []
+    for ft in fts:
+        al = align(base, ft)
+        for name, (brows, orows) in al.added_rows.items():
+            if name in in_scope:
+                raise TaskvecError(
+                    f"{ft.source}: tensor {name!r} has {orows} vocabulary rows but the base {base.source} has "
+                    f"{brows}; the models have different vocabulary sizes. Merge with --scope body (embeddings "
+                    "and head copied from the base) or resize the embeddings to the base vocabulary first")
+        bad = {n: s for n, s in al.shape_mismatch.items() if n in in_scope}
+        vocab = [n for n in bad if _VOCAB_RE.search(n)]
+        if vocab:
+            (bs, os_) = bad[vocab[0]]
+            raise TaskvecError(
+                f"{ft.source}: tensor {vocab[0]!r} has shape {tuple(os_)} but the base {base.source} has "
+                f"{tuple(bs)}; the models have different vocabulary sizes. Merge with --scope body or resize "
+                "the embeddings to the base vocabulary first")
+        al.check(in_scope)
+        if not ft.is_delta:
+            missing = [n for n in al.missing if n in in_scope]
+            if missing:
+                raise TaskvecError(
+                    f"{ft.source} lacks tensor {missing[0]!r} (and {len(missing) - 1} more) that the base "
+                    f"{base.source} has; pass the complete fine-tune, or restrict --scope to the tensors it has")
+        alignments.append(al)
+    return alignments
+
+
+def _read_ft(base_t: torch.Tensor, ft: Checkpoint, al, name: str) -> torch.Tensor:
+    """θ_t for tensor `name` in float32 (a LoRA adapter gives θ₀ + ΔW; an unadapted tensor gives θ₀)."""
+    if ft.is_delta:
+        return base_t + ft.get(al.pairs[name]) if name in al.pairs else base_t
+    return ft.get(al.pairs[name])
+
+
+def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, params: MergeParams | None = None,
+                      out: str | Path = "merged", *, out_dtype: str | None = None, scope: str = "all",
+                      max_shard_size: int | str = "2GB", progress: bool = True, extra_record: dict | None = None
+                      ) -> Path:
+    """Merge `finetunes` onto `base` with `method` and write a Hugging Face folder `out`; return its path.
+
+    base / finetunes: paths, hub ids or open Checkpoints. params: MergeParams (defaults: weight 1 each).
+    out_dtype: "float32" | "bfloat16" | "float16" | None (keep each tensor's base dtype). scope: which
+    tensors are merged (others are copied from the base and listed in the record). Arithmetic is fp32.
+    """
+    out = Path(out)
+    method = get_method(method) if isinstance(method, str) else method
+    if out_dtype is not None and out_dtype not in DTYPES:
+        raise TaskvecError(f"--dtype {out_dtype!r}: choose one of {sorted(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    params = method.resolve(params or MergeParams(), len(finetunes))
+    srcs = [str(getattr(s, "source", s)) for s in [base, *finetunes]]
+    refuse_existing_output(out, srcs)
+
+    t_start = time.perf_counter()
+    base = open_checkpoint(base)
+    fts = [open_checkpoint(f) for f in finetunes]
+    if base.is_delta:
+        raise TaskvecError(f"{base.source}: a LoRA adapter cannot be the base; pass the model it was trained on")
+    from ..checkpoints import _buffer_reason  # same buffer rule as task-vector extraction
+
+    names = base.keys()
+    floats = [n for n in names if _buffer_reason(base, n) is None]
+    merged_names = resolve_scope(floats, scope)
+    alignments = _check_pairs(base, fts, merged_names)
+    in_scope = set(merged_names)
+    out_dtypes = {n: (DTYPES[out_dtype] if out_dtype and base.dtype(n).is_floating_point else base.dtype(n))
+                  for n in names}
+    shards = _plan(base, names, out_dtypes, max_bytes)
+
+    thresholds = None
+    if method.uses_trim and params.trim == "global":
+        thresholds = _global_thresholds(base, fts, alignments, merged_names, params, progress)
+
+    def tensors(name):
+        b = base.get(name)
+        return b, [_read_ft(b, ft, al, name) for ft, al in zip(fts, alignments)]
+
+    n_shards = len(shards)
+    weight_map, total = {}, 0
+    with atomic_dir(out) as tmp:
+        bar = tqdm(total=len(names), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            data = {}
+            for name in shard:
+                if name in in_scope:
+                    b, ft_ts = tensors(name)
+                    ctx = TensorContext(name=name, thresholds=thresholds)
+                    t = method.combine(b, ft_ts, params, ctx)
+                    del b, ft_ts
+                else:
+                    t = base.get(name, dtype=None)
+                data[name] = t.to(out_dtypes[name]).contiguous()
+                weight_map[name] = fname
+                total += data[name].numel() * data[name].element_size()
+                bar.update(1)
+            save_file(data, str(tmp / fname), metadata={"format": "pt"})
+            del data
+        bar.close()
+        if n_shards > 1:
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+        copied = _copy_side_files(base, tmp, out_dtype)
+        record = {
+            "taskvec_version": __version__,
+            **method.record(params),
+            "base": {"source": base.source, "fingerprint": base.fingerprint()},
+            "models": [{"source": ft.source, "fingerprint": ft.fingerprint(), "weight": w,
+                        **({"density": d} if method.uses_density else {}),
+                        **({"lora_adapter": True} if ft.is_delta else {})}
+                       for ft, w, d in zip(fts, params.weights, params.densities)],
+            "output_dtype": out_dtype or "as base (per tensor)",
+            "scope": scope,
+            "n_tensors": len(names),
+            "merged_tensors": len(merged_names),
+            "copied_from_base": [n for n in names if n not in in_scope],
+            "extra_tensors_ignored": {ft.source: al.extra for ft, al in zip(fts, alignments) if al.extra},
+            "global_trim_thresholds": list(thresholds) if thresholds else None,
+            "files_copied_from_base": copied,
+            "shards": n_shards,
+            "seconds": round(time.perf_counter() - t_start, 3),
+            **(extra_record or {}),
+        }
+        atomic_write_json(tmp / "taskvec_merge.json", record)
+    return out
+
+
+def _global_thresholds(base, fts, alignments, names, params: MergeParams, progress: bool) -> tuple[float, ...]:
+    """Two streaming passes computing each model's exact global magnitude threshold."""
+    g = GlobalMagnitudeThreshold(params.densities)
+    for phase, add in (("coarse", g.add_coarse), ("fine", g.add_fine)):
+        for name in tqdm(names, desc=f"global trim ({phase} pass)", unit="tensor", disable=not progress):
+            b = base.get(name)
+            for t, (ft, al) in enumerate(zip(fts, alignments)):
+                add(t, (_read_ft(b, ft, al, name) - b).abs())
+        if phase == "coarse":
+            g.split()
+    return g.thresholds()
+
+
+def _copy_side_files(base: Checkpoint, dest: Path, out_dtype: str | None) -> list[str]:
+    """Copy config/tokenizer files from the base folder (config's dtype updated); return their names."""
+    folder = _base_folder(base)
+    copied = []
+    if folder is not None:
+        for name in COPY_FILES:
+            src = folder / name
+            if src.is_file() and name != "config.json":
+                shutil.copy2(src, dest / name)
+                copied.append(name)
+    config = dict(base.config) if base.config else None
+    if config is not None:
+        if out_dtype:
+            for key in ("dtype", "torch_dtype"):
+                if key in config or key == "dtype":
+                    config[key] = out_dtype
+        (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copied.append("config.json")
+    return copied
