@@ -1,0 +1,250 @@
+"""Checkpoint access in every format, against the tensors of the model that wrote the files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from checkpoints_zoo import make_collection, make_lora, state
+from taskvec.checkpoints import align, canonical_name, match_parameter_names, open_checkpoint, write_safetensors
+from taskvec.errors import TaskvecError
+from tiny import ARCHS, save_hf, tiny_model
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def coll(request, tmp_path_factory):
+    return make_collection(tmp_path_factory.mktemp(request.param), request.param, n_ft=1)
+
+
+def _assert_same(ck, sd, dtype=None):
+    floats = {k: v for k, v in sd.items()}
+    assert set(ck.keys()) == set(floats), (set(ck.keys()) ^ set(floats))
+    for k, v in floats.items():
+        assert ck.shape(k) == tuple(v.shape)
+        assert ck.dtype(k) == v.dtype
+        got = ck.get(k, dtype=None)
+        assert got.dtype == v.dtype and torch.equal(got, v), k
+        assert ck.get(k).dtype == torch.float32
+
+
+def _as_saved(ck, sd):
+    """The model's state dict under the names the files use (GPT-NeoX saves lm_head as embed_out)."""
+    by_canon = {canonical_name(k): v for k, v in sd.items()}
+    return {k: by_canon[canonical_name(k)] for k in ck.keys()}
+
+
+def test_every_format_reads_exact_tensors(coll):
+    saved = _as_saved(open_checkpoint(coll["ft"][0]), coll["ft_sd"][0])
+    for src, fmt in ((coll["ft"][0], "safetensors"), (coll["ft0_bin"], "torch-sharded"),
+                     (coll["ft0_pt"], "torch")):
+        ck = open_checkpoint(src)
+        assert ck.format == fmt
+        _assert_same(ck, saved if fmt == "safetensors" else coll["ft_sd"][0])
+    ck = open_checkpoint(coll["ft0_bf16_sharded"])
+    assert ck.format == "safetensors-sharded" and len(ck.files) > 2  # shards + index
+    _assert_same(ck, _as_saved(ck, coll["ft0_bf16_sd"]))
+    # the index file itself opens the same collection
+    ck2 = open_checkpoint(coll["ft0_bf16_sharded"] / "model.safetensors.index.json")
+    assert set(ck2.keys()) == set(ck.keys())
+    assert ck.config["model_type"] == coll["base_model"].config.model_type
+
+
+def test_fingerprint_tracks_content(tmp_path):
+    m = tiny_model("gpt2")
+    a = open_checkpoint(save_hf(m, tmp_path / "a"))
+    b = open_checkpoint(save_hf(m, tmp_path / "b"))
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        m.transformer.ln_f.weight[0] += 1
+    c = open_checkpoint(save_hf(m, tmp_path / "c"))
+    assert c.fingerprint() != a.fingerprint()
+
+
+def test_streaming_writer_roundtrip_all_dtypes(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
+               "d": torch.tensor(2.5, dtype=torch.float64), "e": torch.zeros(0, 3), "f": torch.ones(2, dtype=torch.bool)}
+    path = write_safetensors(tmp_path / "x.safetensors", {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
+                             tensors.__getitem__, metadata={"k": "v"})
+    from safetensors.torch import load_file
+
+    ref = load_file(path)  # the official reader agrees
+    ck = open_checkpoint(path)
+    for k, v in tensors.items():
+        assert torch.equal(ref[k], v) and torch.equal(ck.get(k, None), v)
+    assert ck.metadata == {"k": "v"}
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.parametrize("arch,extra", [("gpt2", {}), ("llama", {"use_rslora": True}),
+                                        ("llama", {"target_modules": ["embed_tokens", "q_proj"]}),
+                                        ("bert", {"lora_bias": True})])
+def test_lora_delta_equals_peft_merge(tmp_path, arch, extra):
+    base = tiny_model(arch)
+    save_hf(base, tmp_path / "base")
+    deltas, _ = make_lora(base, tmp_path / "lora", arch, **extra)
+    ck = open_checkpoint(tmp_path / "lora")
+    assert ck.is_delta and ck.format == "peft-lora"
+    assert set(ck.keys()) == set(deltas)
+    for k, d in deltas.items():
+        got = ck.get(k)
+        assert got.shape == d.shape
+        assert torch.allclose(got, d, rtol=1e-6, atol=1e-6 * float(d.abs().max())), k
+        assert torch.allclose(ck.get(k, torch.float64).float(), d, rtol=1e-6, atol=1e-6 * float(d.abs().max()))
+    if arch == "gpt2":  # rank_pattern / alpha_pattern honoured
+        assert ck.lora_info("transformer.h.1.attn.c_attn.weight")["r"] == 2
+        assert ck.lora_info("transformer.h.0.mlp.c_fc.weight")["scaling"] == pytest.approx(16 / 4)
+        assert ck.lora_info("transformer.h.0.attn.c_attn.weight")["scaling"] == pytest.approx(8 / 4)
+    al = align(open_checkpoint(tmp_path / "base"), ck)
+    assert set(al.pairs) == set(deltas) and al.missing == []
+
+
+def test_lora_on_wrong_base_is_refused(tmp_path):
+    base = tiny_model("gpt2")
+    make_lora(base, tmp_path / "lora", "gpt2")
+    lora = open_checkpoint(tmp_path / "lora")
+    other = open_checkpoint(save_hf(tiny_model("gpt2", hidden=48), tmp_path / "wide"))
+    with pytest.raises(TaskvecError, match="different base model"):
+        align(other, lora)
+    llama = open_checkpoint(save_hf(tiny_model("llama"), tmp_path / "llama"))
+    with pytest.raises(TaskvecError, match="different base model"):
+        align(llama, lora)
+
+
+def test_lora_rank_config_mismatch(tmp_path):
+    make_lora(tiny_model("llama"), tmp_path / "lora", "llama")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    cfg["r"] = 8
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TaskvecError, match="rank 4 in the file but 8"):
+        open_checkpoint(tmp_path / "lora")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = save_hf(tiny_model("gpt2"), tmp_path / "m")
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(TaskvecError, match=r"model\.safetensors.*truncated"):
+        open_checkpoint(folder)
+    f.write_bytes(data[:5])
+    with pytest.raises(TaskvecError, match="too short"):
+        open_checkpoint(folder)
+
+
+def test_empty_folder_and_missing_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TaskvecError, match="no model weights found"):
+        open_checkpoint(tmp_path / "empty")
+    with pytest.raises(TaskvecError, match="no such file"):
+        open_checkpoint(tmp_path / "nope")
+    with pytest.raises(TaskvecError, match="not in the local Hugging Face cache"):
+        open_checkpoint("nobody-has/this-model-xyz")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": _Evil()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(TaskvecError, match="weights_only"):
+        open_checkpoint(path)
+
+
+def test_missing_shard_and_corrupt_index(tmp_path):
+    folder = save_hf(tiny_model("llama"), tmp_path / "m", max_shard_size="20KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(TaskvecError, match="missing"):
+        open_checkpoint(folder)
+
+
+def test_nested_state_dict_and_get_unknown(tmp_path):
+    sd = state(tiny_model("gpt2"))
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "ckpt.pt")
+    ck = open_checkpoint(tmp_path / "ckpt.pt")
+    assert set(ck.keys()) == set(sd)
+    with pytest.raises(TaskvecError, match="no tensor named"):
+        ck.get("nope.weight")
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def test_align_prefixes_heads_and_buffers(tmp_path):
+    from transformers import BertForSequenceClassification, GPT2Model
+
+    gpt = tiny_model("gpt2")
+    base = open_checkpoint(save_hf(gpt, tmp_path / "gpt"))
+    body = GPT2Model(gpt.config)
+    body.load_state_dict({k[len("transformer."):]: v for k, v in gpt.state_dict().items()
+                          if k.startswith("transformer.")})
+    ft = open_checkpoint(save_hf(body, tmp_path / "body"))  # names without 'transformer.'
+    al = align(base, ft)
+    assert len(al.pairs) == len(base.keys()) and al.missing == [] and al.extra == []
+    assert al.pairs["transformer.h.0.attn.c_attn.weight"] == "h.0.attn.c_attn.weight"
+
+    bert = tiny_model("bert")
+    bbase = open_checkpoint(save_hf(bert, tmp_path / "bert"))
+    cls = BertForSequenceClassification(bert.config)
+    sd = state(cls)
+    sd["bert.embeddings.position_ids"] = torch.arange(64)[None]  # an int buffer in a .pt
+    torch.save(sd, tmp_path / "cls.pt")
+    al = align(bbase, open_checkpoint(tmp_path / "cls.pt"))
+    assert al.pairs["encoder.layer.0.attention.self.query.weight"] == "bert.encoder.layer.0.attention.self.query.weight"
+    assert "bert.embeddings.position_ids" in al.excluded
+    assert set(al.extra) >= {"classifier.weight", "classifier.bias"}
+    assert canonical_name("base_model.model.model.layers.0.mlp.up_proj.weight") == "layers.0.mlp.up_proj.weight"
+
+
+def test_align_tied_head_and_added_vocab(tmp_path):
+    llama = tiny_model("llama")
+    sd = state(llama)  # contains lm_head.weight (tied duplicate), unlike the safetensors file
+    torch.save(sd, tmp_path / "full.pt")
+    base = open_checkpoint(save_hf(llama, tmp_path / "base"))
+    assert "lm_head.weight" not in base
+    al = align(base, open_checkpoint(tmp_path / "full.pt"))
+    assert "lm_head.weight" in al.tied and "lm_head.weight" not in al.extra
+    # a fine-tune that added 3 tokens
+    grown = tiny_model("llama")
+    grown.resize_token_embeddings(131)
+    ft = open_checkpoint(save_hf(grown, tmp_path / "grown"))
+    al = align(base, ft)
+    assert al.added_rows == {"model.embed_tokens.weight": (128, 131)}
+    assert "model.embed_tokens.weight" in al.pairs and not al.shape_mismatch
+
+
+def test_align_refuses_other_architecture_and_names_wrong_shape(tmp_path):
+    gpt = open_checkpoint(save_hf(tiny_model("gpt2"), tmp_path / "gpt"))
+    llama = open_checkpoint(save_hf(tiny_model("llama"), tmp_path / "llama"))
+    with pytest.raises(TaskvecError, match="llama model but the base .* gpt2"):
+        align(gpt, llama)
+    bad = state(tiny_model("gpt2"))
+    bad["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(32, 100)
+    torch.save(bad, tmp_path / "bad.pt")
+    al = align(gpt, open_checkpoint(tmp_path / "bad.pt"))
+    with pytest.raises(TaskvecError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight.*\(32, 100\).*\(32, 128\)"):
+        al.check()
+
+
+def test_match_parameter_names(tmp_path):
+    from transformers import GPT2Model
+
+    gpt = tiny_model("gpt2")
+    keys = [k for k, _ in gpt.named_parameters()]
+    body = GPT2Model(gpt.config)
+    m = match_parameter_names(keys[1:], body)
+    assert m["transformer.h.0.ln_1.weight"] == "h.0.ln_1.weight"
+    with pytest.raises(TaskvecError, match="no parameter"):
+        match_parameter_names(["lm_head.weight", "nonsense.weight"], body)
+    assert match_parameter_names(["nonsense.weight"], body, strict=False) == {}

@@ -1,0 +1,132 @@
+"""TaskVector extraction, arithmetic, persistence and apply_to against fully loaded models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints_zoo import make_collection, make_lora, state
+from taskvec.checkpoints import canonical_name, open_checkpoint
+from taskvec.errors import TaskvecError
+from taskvec.scope import resolve_scope
+from taskvec.vectors import TaskVector
+from tiny import ARCHS, save_hf, tiny_model
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def coll(request, tmp_path_factory):
+    return make_collection(tmp_path_factory.mktemp(request.param), request.param, n_ft=2)
+
+
+def _direct(base_sd, ft_sd, names, dtype=torch.float32):
+    b = {canonical_name(k): v for k, v in base_sd.items()}
+    f = {canonical_name(k): v for k, v in ft_sd.items()}
+    return {n: f[canonical_name(n)].to(dtype) - b[canonical_name(n)].to(dtype) for n in names}
+
+
+def _close(tv, ref, rel=1e-6):
+    assert set(tv.keys()) == set(ref)
+    for k, v in ref.items():
+        assert tv[k].shape == v.shape
+        err = float((tv[k].double() - v.double()).norm())
+        assert err <= rel * max(float(v.double().norm()), 1e-30), k
+
+
+@pytest.mark.parametrize("fmt", ["ft", "ft0_bf16_sharded", "ft0_bin", "ft0_pt"])
+def test_extraction_matches_full_load(coll, fmt):
+    src = coll["ft"][0] if fmt == "ft" else coll[fmt]
+    ft_sd = coll["ft0_bf16_sd"] if "bf16" in fmt else coll["ft_sd"][0]
+    tv = TaskVector.from_checkpoints(coll["base"], src, scope="body", progress=False)
+    names = resolve_scope([k for k in open_checkpoint(coll["base"]).keys()], "body")
+    _close(tv, _direct(coll["base_sd"], ft_sd, names))
+    tv64 = TaskVector.from_checkpoints(coll["base"], src, scope="attention", dtype=torch.float64, progress=False)
+    assert all(v.dtype == torch.float64 for v in tv64.values())
+    _close(tv64, _direct(coll["base_sd"], ft_sd, tv64.keys(), torch.float64), rel=1e-15)
+    assert tv.meta["out_of_scope"] and tv.meta["alignment"]["n_pairs"] >= len(tv)
+
+
+def test_arithmetic_geometry_and_persistence(coll, tmp_path):
+    a = TaskVector.from_checkpoints(coll["base"], coll["ft"][0], progress=False)
+    b = TaskVector.from_checkpoints(coll["base"], coll["ft"][1], progress=False)
+    fa = torch.cat([a[k].reshape(-1) for k in a]).double()
+    fb = torch.cat([b[k].reshape(-1) for k in a]).double()
+    assert a.dot(b) == pytest.approx(float(fa @ fb), rel=1e-12)
+    assert a.norm() == pytest.approx(float(fa.norm()), rel=1e-12)
+    assert a.cosine(b) == pytest.approx(float(fa @ fb / fa.norm() / fb.norm()), rel=1e-12)
+    c = 2 * a - b * 0.5 + (-a) / 4
+    for k in a:
+        assert torch.allclose(c[k], 2 * a[k] - 0.5 * b[k] - a[k] / 4, atol=1e-7)
+    assert sum([a, b])[next(iter(a))].equal(a[next(iter(a))] + b[next(iter(a))])
+    path = a.save(tmp_path / "tau.safetensors")
+    back = TaskVector.load(path)
+    assert back.keys() == a.keys() and all(torch.equal(back[k], a[k]) for k in a)
+    assert back.meta["base"] == str(coll["base"])
+
+
+def test_apply_to_writes_a_loadable_model(coll, tmp_path):
+    model_cls = type(coll["base_model"])
+    tv = TaskVector.from_checkpoints(coll["base"], coll["ft"][0], scope="all", progress=False)
+    out = tv.apply_to(coll["base"], tmp_path / "applied", alpha=1.0, progress=False)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    loaded = state(model_cls.from_pretrained(out))
+    ref = coll["ft_sd"][0]
+    for k, v in ref.items():
+        if v.is_floating_point():
+            assert torch.allclose(loaded[k], v, atol=1e-6), k
+    half = tv.apply_to(coll["base"], tmp_path / "half", alpha=0.5, progress=False)
+    tv_half = TaskVector.from_checkpoints(coll["base"], half, scope="all", progress=False)
+    for k in tv:
+        assert torch.allclose(tv_half[k], 0.5 * tv[k], atol=1e-6)
+    with pytest.raises(TaskvecError, match="not empty"):
+        tv.apply_to(coll["base"], tmp_path / "half")
+
+
+def test_apply_to_keeps_shards_and_dtype(tmp_path):
+    base = tiny_model("llama").to(torch.bfloat16)
+    save_hf(base, tmp_path / "base", max_shard_size="20KB")
+    tv = TaskVector({"model.layers.0.mlp.up_proj.weight": torch.ones(64, 32)})
+    out = tv.apply_to(tmp_path / "base", tmp_path / "out", alpha=0.25, progress=False)
+    ck = open_checkpoint(out)
+    assert ck.format == "safetensors-sharded" and ck.dtype("model.norm.weight") == torch.bfloat16
+    ref = base.state_dict()["model.layers.0.mlp.up_proj.weight"].float() + 0.25
+    assert torch.equal(ck.get("model.layers.0.mlp.up_proj.weight"), ref.to(torch.bfloat16).float())
+    assert torch.equal(ck.get("model.norm.weight", None), base.state_dict()["model.norm.weight"])
+
+
+def test_lora_task_vector(tmp_path):
+    base = tiny_model("gpt2")
+    save_hf(base, tmp_path / "base")
+    deltas, merged = make_lora(base, tmp_path / "lora", "gpt2")
+    tv = TaskVector.from_checkpoints(tmp_path / "base", tmp_path / "lora", scope="all", progress=False)
+    _close(tv, deltas)
+    # applying the LoRA τ reproduces peft's merge
+    out = tv.apply_to(tmp_path / "base", tmp_path / "merged", progress=False)
+    ck = open_checkpoint(out)
+    for k, v in state(merged).items():
+        if k in ck:
+            assert torch.allclose(ck.get(k), v, atol=1e-6), k
+    with pytest.raises(TaskvecError, match="none of the tensors the LoRA adapter adapts"):
+        TaskVector.from_checkpoints(tmp_path / "base", tmp_path / "lora", scope="norms", progress=False)
+
+
+def test_bad_inputs(tmp_path):
+    base = tiny_model("gpt2")
+    save_hf(base, tmp_path / "base")
+    sd = state(base)
+    sd["transformer.h.0.mlp.c_proj.weight"][3, 4] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(TaskvecError, match=r"nan\.pt.*transformer\.h\.0\.mlp\.c_proj\.weight.*NaN/Inf"):
+        TaskVector.from_checkpoints(tmp_path / "base", tmp_path / "nan.pt", progress=False)
+    sd = state(base)
+    sd["transformer.h.1.ln_2.bias"] = torch.zeros(40)
+    torch.save(sd, tmp_path / "shape.pt")
+    with pytest.raises(TaskvecError, match=r"transformer\.h\.1\.ln_2\.bias.*\(40,\)"):
+        TaskVector.from_checkpoints(tmp_path / "base", tmp_path / "shape.pt", progress=False)
+    # … unless the tensor is out of scope
+    tv = TaskVector.from_checkpoints(tmp_path / "base", tmp_path / "shape.pt", scope="attention", progress=False)
+    assert len(tv) == 8
+    save_hf(tiny_model("bert"), tmp_path / "bert")
+    with pytest.raises(TaskvecError, match="bert model but the base"):
+        TaskVector.from_checkpoints(tmp_path / "base", tmp_path / "bert", progress=False)
+    with pytest.raises(TaskvecError, match="different bases"):
+        TaskVector({"a": torch.ones(2)}) + TaskVector({"a": torch.ones(3)})
