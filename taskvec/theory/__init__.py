@@ -1,0 +1,35 @@
+"""Kernel-regime theory of fine-tuning as code (pure numpy/scipy on arrays; no models loaded).
+
+Definitions follow DESIGN.md §2 and docs/theory.md: eigen-decay fits, effective/statistical
+dimension, the Raskutti–Wainwright–Yu (2014) early-stopping rule, predicted and measured rates,
+kernel predictors on the eNTK from the pretrained start.
+"""
+
+from .predictors import align_with_finetune, early_stopped_kernel_gd, kernel_gd_path, kernel_ridge_path
+from .spectrum import DecayFit, effective_dimension, fit_decay, fit_spectrum, noise_cut, statistical_dimension
+from .stopping import (
+    StepSchedule,
+    constant_mode,
+    critical_radius,
+    early_stopping,
+    kernel_step,
+    local_rademacher,
+    project_out_constant,
+    rkhs_radius,
+    rwy_bound,
+    sensitivity,
+    sigma_first_difference,
+    sigma_heldout,
+    sigma_krr,
+    sigma_spectral_tail,
+    stopping_time,
+    translate_to_training,
+)
+
+__all__ = [
+    "DecayFit", "StepSchedule", "align_with_finetune", "constant_mode", "critical_radius", "early_stopped_kernel_gd",
+    "early_stopping", "effective_dimension", "fit_decay", "fit_spectrum", "kernel_gd_path", "kernel_ridge_path",
+    "kernel_step", "local_rademacher", "noise_cut", "project_out_constant", "rkhs_radius", "rwy_bound",
+    "sensitivity", "sigma_first_difference", "sigma_heldout", "sigma_krr", "sigma_spectral_tail",
+    "statistical_dimension", "stopping_time", "translate_to_training",
+]
