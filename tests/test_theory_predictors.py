@@ -76,7 +76,7 @@ def test_align_with_finetune_maps_epochs_to_kernel_steps():
 
 # --- simulation: kernel GD on noisy data from a known RKHS function ---------------------------------
 # Sobolev kernel K(x,x') = min(x,x') on [0,1] (eigenvalues of the operator 1/((k−½)²π²)), x ~ U[0,1],
-# f* = Σ_k b_k √2 sin((k−½)πx) with b_k ∝ √λ_k k^{−(1+δ)/2}, scaled to ‖f*‖_H = 1; noise σ; seeds 0..5.
+# f* = Σ_k b_k √2 sin((k−½)πx) with b_k ∝ √λ_k k^{−(1+δ)/2}, scaled to ‖f*‖_H = 1; noise σ; seeds 0..4.
 # Measured here (seeds 0..9, n=300): ‖f_T̂ − f*‖²_n ≤ 0.23 ε̂_n² in every setting (theorem: ≤ 12 ε̂_n²);
 # expected risk at T̂ ≤ 1.6 × the oracle-best risk; T̂ / oracle-best iteration = 0.84–1.03 (δ=2, σ=0.1),
 # 0.53–0.62 (δ=2, σ=0.3), but 0.26–0.58 for rougher f* (δ ≤ 1): the rule is conservative by the
@@ -92,7 +92,7 @@ def _simulate(seed, delta, sigma, n=300, modes=200):
     b /= np.sqrt(np.sum(b**2 / lam))
     f_star = (np.sqrt(2) * np.sin(np.outer(x, (k - 0.5) * np.pi))) @ b
     y = f_star + sigma * rng.normal(size=n)
-    res = early_stopped_kernel_gd(K, y, sigma, f_star=f_star, horizon=12)
+    res = early_stopped_kernel_gd(K, y, sigma, f_star=f_star, horizon=6)
     # oracle-best iteration of the expected error E‖f_t − f*‖²_n = bias² + variance (closed form)
     mu, U = np.linalg.eigh(K / n)
     mu = np.clip(mu, 0, None)
@@ -106,7 +106,7 @@ def _simulate(seed, delta, sigma, n=300, modes=200):
 @pytest.mark.parametrize("delta,sigma,ratio_range", [(2.0, 0.1, (0.5, 2.0)), (2.0, 0.3, (0.5, 2.0)),
                                                      (0.5, 0.3, (0.2, 1.0))])
 def test_rwy_rule_in_simulation(delta, sigma, ratio_range):
-    for seed in range(6):
+    for seed in range(5):
         res, t_oracle, risk = _simulate(seed, delta, sigma)
         T = res["T_hat"]
         eps2 = res["rule"]["eps_hat"] ** 2

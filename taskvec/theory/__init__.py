@@ -5,7 +5,8 @@ dimension, the Raskutti–Wainwright–Yu (2014) early-stopping rule, predicted 
 kernel predictors on the eNTK from the pretrained start.
 """
 
-from .predictors import align_with_finetune, early_stopped_kernel_gd, kernel_gd_path, kernel_ridge_path
+from .predictors import align_with_finetune, early_stopped_kernel_gd, eig_normalised, kernel_gd_path, kernel_ridge_path
+from .rates import compare_rates, kernel_gd_rates, loglog_slope, measured_rate, nonparametric_rate, predicted_rate
 from .spectrum import DecayFit, effective_dimension, fit_decay, fit_spectrum, noise_cut, statistical_dimension
 from .stopping import (
     StepSchedule,
@@ -27,7 +28,8 @@ from .stopping import (
 )
 
 __all__ = [
-    "DecayFit", "StepSchedule", "align_with_finetune", "constant_mode", "critical_radius", "early_stopped_kernel_gd",
+    "compare_rates", "kernel_gd_rates", "loglog_slope", "measured_rate", "nonparametric_rate", "predicted_rate",
+    "eig_normalised", "DecayFit", "StepSchedule", "align_with_finetune", "constant_mode", "critical_radius", "early_stopped_kernel_gd",
     "early_stopping", "effective_dimension", "fit_decay", "fit_spectrum", "kernel_gd_path", "kernel_ridge_path",
     "kernel_step", "local_rademacher", "noise_cut", "project_out_constant", "rkhs_radius", "rwy_bound",
     "sensitivity", "sigma_first_difference", "sigma_heldout", "sigma_krr", "sigma_spectral_tail",

@@ -36,8 +36,15 @@ def _record_times(max_steps: int, n_points: int = 200) -> np.ndarray:
     return np.unique(np.concatenate([[0], np.round(np.logspace(0, np.log10(max_steps), n_points)).astype(int)]))
 
 
+def eig_normalised(K) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs (ascending) of K/n, round-off negatives clipped; pass as `eig=` to skip recomputing."""
+    K = square_kernel(K, "K_train")
+    mu, U = np.linalg.eigh(K / K.shape[0])
+    return np.clip(mu, 0.0, None), U
+
+
 def kernel_gd_path(K_train, targets, *, step, max_steps: int | None = None, times=None, K_test_train=None,
-                   test_targets=None, f_star=None, return_predictions: bool = False) -> dict:
+                   test_targets=None, f_star=None, return_predictions: bool = False, eig=None) -> dict:
     """Kernel GD on the residual targets; train/test mean squared errors along t (and ‖f_t − f*‖²_n when
     the noiseless `f_star` on the training probes is known). `step`: α constant, array or callable."""
     K, n, r, Kte, rte = _split(K_train, targets, K_test_train, test_targets)
@@ -49,8 +56,7 @@ def kernel_gd_path(K_train, targets, *, step, max_steps: int | None = None, time
     times = np.unique(np.asarray(times, dtype=np.int64))
     if times.size == 0 or times[0] < 0:
         raise TaskvecError("times must be non-negative integers")
-    mu, U = np.linalg.eigh(K / n)
-    mu = np.clip(mu, 0.0, None)
+    mu, U = eig if eig is not None else eig_normalised(K)
     z = U.T @ r
     T = int(times[-1])
     # log Π_{s<t}(1 − α_s μ) for each recorded t
@@ -99,15 +105,14 @@ def kernel_gd_path(K_train, targets, *, step, max_steps: int | None = None, time
 
 
 def kernel_ridge_path(K_train, targets, lambdas, *, K_test_train=None, test_targets=None, f_star=None,
-                      return_predictions: bool = False) -> dict:
+                      return_predictions: bool = False, eig=None) -> dict:
     """Kernel ridge f̂_λ = K(K + nλI)⁻¹ r for each λ (on the K/n scale: λ ↔ 1/η of kernel GD), with
     train/test MSE and GCV score; `gcv_lambda` is the GCV choice."""
     K, n, r, Kte, rte = _split(K_train, targets, K_test_train, test_targets)
     lams = np.asarray(lambdas, dtype=np.float64).ravel()
     if lams.size == 0 or np.any(lams <= 0):
         raise TaskvecError("kernel ridge needs positive λ values")
-    mu, U = np.linalg.eigh(K / n)
-    mu = np.clip(mu, 0.0, None)
+    mu, U = eig if eig is not None else eig_normalised(K)
     z = U.T @ r
     s = mu[None, :] / (mu[None, :] + lams[:, None])
     train_pred = (s * z[None, :]) @ U.T
@@ -135,8 +140,7 @@ def early_stopped_kernel_gd(K_train, targets, sigma: float, *, radius: float = 1
     """Run kernel GD to `horizon`·T̂ and report the error at the RWY T̂ next to the oracle-best t
     (by ‖f_t − f*‖²_n when f* is known, else by test MSE)."""
     K = square_kernel(K_train, "K_train")
-    n = K.shape[0]
-    mu = np.clip(np.linalg.eigvalsh(K / n), 0, None)
+    mu, U = eig_normalised(K)
     if step is None:
         step = min(1.0, 1.0 / mu.max())
     rule = stopping_time(mu, sigma, step, radius=radius)
@@ -144,8 +148,8 @@ def early_stopped_kernel_gd(K_train, targets, sigma: float, *, radius: float = 1
         raise TaskvecError("the step-size schedule ends before the stopping rule fires; give a longer schedule")
     T = max(int(np.ceil(horizon * max(rule["T_hat"], 1))), 10)
     path = kernel_gd_path(K, targets, step=step, times=np.arange(T + 1), K_test_train=K_test_train,
-                          test_targets=test_targets, f_star=f_star)
-    out = {"rule": rule, "path": path, "T_hat": rule["T_hat"]}
+                          test_targets=test_targets, f_star=f_star, eig=(mu, U))
+    out = {"rule": rule, "path": path, "T_hat": rule["T_hat"], "eigenvalues": mu[::-1].copy()}
     key = "error_vs_f_star" if f_star is not None else ("test_mse" if "test_mse" in path else None)
     if key is not None:
         err = path[key]
