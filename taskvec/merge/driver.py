@@ -157,10 +157,9 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
     fts = [open_checkpoint(f) for f in finetunes]
     if base.is_delta:
         raise TaskvecError(f"{base.source}: a LoRA adapter cannot be the base; pass the model it was trained on")
-    from ..checkpoints import _buffer_reason  # same buffer rule as task-vector extraction
-
     names = base.keys()
-    floats = [n for n in names if _buffer_reason(base, n) is None]
+    excluded = align(base, base).excluded  # buffers and integer tensors: copied, never merged
+    floats = [n for n in names if n not in excluded]
     merged_names = resolve_scope(floats, scope)
     alignments = _check_pairs(base, fts, merged_names)
     in_scope = set(merged_names)

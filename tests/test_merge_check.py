@@ -1,0 +1,191 @@
+"""check-merge on tiny real GPT-2 merges: recovers λ's, recognises TIES / DARE, flags broken merges."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import perturbed, save_hf, tiny_model, tiny_tokenizer
+
+from taskvec.errors import TaskvecError
+from taskvec.merge import MergeParams, merge_checkpoints
+from taskvec.merge.check import check_merge, predicted_retention, write_check
+
+BIG = "transformer.h.0.mlp.c_fc.weight"
+
+
+@pytest.fixture(scope="module")
+def coll(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    base = tiny_model("gpt2", seed=0)
+    save_hf(base, root / "base", tiny_tokenizer())
+    fts = [save_hf(perturbed(base, scale=1e-2, seed=s), root / f"ft{s}") for s in (21, 22, 23)]
+    return root, root / "base", fts
+
+
+def kinds(rep):
+    return {f["finding"]: f for f in rep["findings"]}
+
+
+def edited(src, dst, edit):
+    """Copy an HF folder, applying `edit(state_dict)` to its weights (a hand-broken merge)."""
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    edit(sd)
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_recovers_task_arithmetic_lambdas(coll, tmp_path):
+    root, base, fts = coll
+    w, lam = (0.3, 0.5, 0.7), 0.9
+    out = merge_checkpoints(base, fts, "task_arithmetic", MergeParams(weights=w, lambda_=lam), tmp_path / "m",
+                            progress=False)
+    rep = check_merge(base, out, fts, progress=False)
+    want = lam * np.array(w)
+    assert rep["classification"] == "task_arithmetic"
+    assert np.abs(np.array(rep["lambda_global"]) - want).max() <= 1e-5
+    for g, v in rep["per_layer"].items():
+        assert np.abs(np.array(v["lambda"]) - want).max() <= 1e-5, g
+    for r in rep["tensors"]:
+        assert np.abs(np.array(r["lambda"]) - want).max() <= 1e-5, r["name"]
+    assert rep["residual_fraction_global"] < 1e-10
+    found = kinds(rep)
+    assert found["task_arithmetic"]["level"] == "ok" and "tensors_do_not_fit" not in found
+    assert not any(f["level"] == "error" for f in rep["findings"])
+    write_check(rep, tmp_path / "report")
+    saved = json.loads((tmp_path / "report" / "check.json").read_text())
+    assert saved["classification"] == "task_arithmetic" and saved["findings"]
+    assert (tmp_path / "report" / "check_merge_layers.png").stat().st_size > 0
+    assert (tmp_path / "report" / "check_merge_layers.pdf").is_file()
+
+
+def test_linear_merge_reads_as_average(coll, tmp_path):
+    root, base, fts = coll
+    out = merge_checkpoints(base, fts, "linear", MergeParams(weights=(1.0, 1.0, 2.0)), tmp_path / "m", progress=False)
+    rep = check_merge(base, out, fts, progress=False)
+    assert np.abs(np.array(rep["lambda_global"]) - [0.25, 0.25, 0.5]).max() <= 1e-5
+    assert "linear average" in kinds(rep)["task_arithmetic"]["message"]
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (0.5, 1.0, 2.0)])
+def test_recognises_ties(coll, tmp_path, weights):
+    root, base, fts = coll
+    out = merge_checkpoints(base, fts, "ties", MergeParams(densities=(0.4,), weights=weights), tmp_path / "m",
+                            progress=False)
+    rep = check_merge(base, out, fts, progress=False)
+    found = kinds(rep)
+    assert rep["classification"] == "ties"
+    assert "trimming" in found and "sign_election" in found
+    assert not any(f["level"] == "error" for f in rep["findings"]), rep["findings"]
+    assert rep["explained_fraction"] > 0.99
+
+
+@pytest.mark.parametrize("method,rescale", [("dare_linear", "l1"), ("dare_linear", "paper"), ("dare_ties", "l1")])
+def test_recognises_dare(coll, tmp_path, method, rescale):
+    root, base, fts = coll
+    out = merge_checkpoints(base, fts, method, MergeParams(densities=(0.5,), rescale=rescale, seed=1),
+                            tmp_path / "m", progress=False)
+    rep = check_merge(base, out, fts, progress=False)
+    found = kinds(rep)
+    assert rep["classification"] == method
+    assert "dropping" in found
+    assert ("sign_election" in found) == (method == "dare_ties")
+    if method == "dare_linear":
+        assert np.allclose(rep["kept_fraction"], 0.5, atol=0.05)
+        want = "1/density" if rescale == "paper" else "L1-preserving"
+        assert want in found["dropping"]["message"]
+    assert not any(f["level"] == "error" for f in rep["findings"]), rep["findings"]
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", MergeParams(lambda_=0.5)),
+                                           ("ties", MergeParams(densities=(0.4,)))])
+def test_flags_one_replaced_tensor(coll, tmp_path, method, params):
+    root, base, fts = coll
+    good = merge_checkpoints(base, fts, method, params, tmp_path / "good", progress=False)
+    other = load_file(fts[0] / "model.safetensors")
+
+    def replace(sd):
+        sd[BIG] = other[BIG] + 0.01 * torch.randn(other[BIG].shape, generator=torch.Generator().manual_seed(0))
+
+    bad = edited(good, tmp_path / "bad", replace)
+    rep = check_merge(base, bad, fts, progress=False)
+    found = kinds(rep)
+    assert found["tensors_do_not_fit"]["tensors"] == [BIG]
+    assert BIG in found["tensors_do_not_fit"]["message"]
+
+
+def test_flags_task_left_out(coll, tmp_path):
+    root, base, fts = coll
+    out = merge_checkpoints(base, fts[:2], "task_arithmetic", MergeParams(), tmp_path / "m", progress=False)
+    rep = check_merge(base, out, fts, progress=False)
+    left = [f for f in rep["findings"] if f["finding"] == "task_left_out"]
+    assert len(left) == 1 and str(fts[2]) in left[0]["message"]
+    out = merge_checkpoints(base, fts[:2], "ties", MergeParams(densities=(0.5,)), tmp_path / "t", progress=False)
+    rep = check_merge(base, out, fts, progress=False)
+    left = [f for f in rep["findings"] if f["finding"] == "task_left_out"]
+    assert len(left) == 1 and str(fts[2]) in left[0]["message"]
+
+
+def test_flags_merge_built_on_another_base(coll, tmp_path):
+    root, base, fts = coll
+    other = tiny_model("gpt2", seed=5)
+    obase = save_hf(other, tmp_path / "obase")
+    ofts = [save_hf(perturbed(other, scale=1e-2, seed=s), tmp_path / f"oft{s}") for s in (21, 22, 23)]
+    out = merge_checkpoints(obase, ofts, "task_arithmetic", MergeParams(), tmp_path / "m", progress=False)
+    rep = check_merge(base, out, fts, progress=False)
+    found = kinds(rep)
+    assert rep["classification"] == "unexplained"
+    assert found["other_base"]["level"] == "error" and "different base" in found["other_base"]["message"]
+
+
+def test_flags_nonfinite_missing_and_extra(coll, tmp_path):
+    root, base, fts = coll
+    good = merge_checkpoints(base, fts, "task_arithmetic", MergeParams(), tmp_path / "good", progress=False)
+
+    def breakit(sd):
+        sd[BIG][0, :3] = float("nan")
+        sd[BIG][1, 0] = float("inf")
+        del sd["transformer.h.1.ln_2.bias"]
+        sd["transformer.h.9.extra.weight"] = torch.zeros(3)
+
+    rep = check_merge(base, edited(good, tmp_path / "bad", breakit), fts, progress=False)
+    found = kinds(rep)
+    assert found["nonfinite"]["tensors"] == [BIG] and "(4)" in found["nonfinite"]["message"]
+    assert found["missing_tensors"]["tensors"] == ["transformer.h.1.ln_2.bias"]
+    assert found["extra_tensors"]["tensors"] == ["transformer.h.9.extra.weight"]
+    assert rep["classification"] == "task_arithmetic"  # the finite entries still fit exactly
+
+
+def test_check_merge_bad_input(coll, tmp_path):
+    root, base, fts = coll
+    with pytest.raises(TaskvecError, match="fine-tuned models"):
+        check_merge(base, fts[0], [], progress=False)
+    big = save_hf(perturbed(tiny_model("gpt2", seed=0, vocab_size=160), seed=5), tmp_path / "bigvocab")
+    with pytest.raises(TaskvecError, match="vocabulary"):
+        check_merge(base, fts[0], [big], progress=False)
+
+
+def test_predicted_retention_closed_form():
+    g = np.random.default_rng(0)
+    jtau = {"a": g.normal(size=(2, 5, 3)), "b": g.normal(size=(2, 5, 3))}
+    lam = [0.7, 0.4]
+    out = predicted_retention(jtau, lam, measured={"a": 0.9 * (0.7 * jtau["a"][0] + 0.4 * jtau["a"][1])})
+    own = jtau["a"][0].ravel()
+    pred = 0.7 * own + 0.4 * jtau["a"][1].ravel()
+    assert out["a"]["predicted_retention"] == pytest.approx(pred @ own / (own @ own), rel=1e-12)
+    assert out["a"]["predicted_interference"] == pytest.approx(
+        0.4 * np.linalg.norm(jtau["a"][1]) / np.linalg.norm(own), rel=1e-12)
+    assert out["a"]["measured_retention"] == pytest.approx(0.9 * out["a"]["predicted_retention"], rel=1e-12)
+    assert out["a"]["relative_error"] == pytest.approx(0.1 / 0.9, rel=1e-12)
+    assert out["a"]["cosine"] == pytest.approx(1.0, abs=1e-12)
+    ownb = jtau["b"][1].ravel()
+    assert out["b"]["self_term"] == 0.4 and "measured_retention" not in out["b"]
+    assert out["b"]["predicted_retention"] == pytest.approx(
+        (0.7 * jtau["b"][0].ravel() + 0.4 * ownb) @ ownb / (ownb @ ownb), rel=1e-12)
+    with pytest.raises(TaskvecError, match="rows"):
+        predicted_retention({"a": jtau["a"][:1], "b": jtau["b"]}, lam)
