@@ -1,0 +1,124 @@
+"""Read a mergekit YAML config (task_arithmetic, ties, dare_linear, dare_ties, linear) into a merge spec,
+so a mergekit user can reproduce a merge with `taskvec merge --config merge.yml --out DIR`.
+
+Supported: `models:` (each `model:` with optional `parameters: {weight, density}`), `base_model`,
+`merge_method`, top-level `parameters` (normalize, lambda, rescale, int8_mask; weight/density as
+defaults for every model), `dtype`, `out_dtype`, `random_seed`. Unsupported mergekit features
+(`slices:`, per-layer parameter gradients, filters, `model+lora` syntax) raise a TaskvecError naming them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import TaskvecError
+from .base import MergeParams
+
+SUPPORTED = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "linear")
+_GLOBAL_KEYS = {"normalize", "lambda", "rescale", "int8_mask", "weight", "density", "seed"}
+
+
+@dataclass
+class MergeSpec:
+    """What to merge: base, fine-tunes, method, parameters, output dtype, and notes on ignored settings."""
+
+    base: str
+    models: list[str]
+    method: str
+    params: MergeParams
+    out_dtype: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a list (a per-layer gradient)" if isinstance(value, list) else \
+            "a filtered/per-tensor value" if isinstance(value, dict) else repr(value)
+        raise TaskvecError(f"{where} is {kind}; taskvec supports one number per model for weight and density "
+                           "(no per-layer gradients or filters)")
+    if not math.isfinite(float(value)):
+        raise TaskvecError(f"{where} is {value}; give a finite number")
+    return float(value)
+
+
+def _path(ref, cfg_dir: Path, where: str) -> str:
+    if not isinstance(ref, str):
+        raise TaskvecError(f"{where} must be a model path or hub id, got {ref!r}")
+    if "+" in ref:
+        raise TaskvecError(f"{where} {ref!r} uses mergekit's model+lora syntax; merge the LoRA into the model "
+                           "first or pass the adapter folder itself as a fine-tune")
+    p = Path(ref).expanduser()
+    if not p.exists() and not p.is_absolute() and (cfg_dir / p).exists():
+        return str(cfg_dir / p)
+    return ref
+
+
+def read_mergekit_config(path: str | Path) -> MergeSpec:
+    """Parse a mergekit YAML file into a MergeSpec (paths relative to the cwd, else to the YAML's folder)."""
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise TaskvecError(f"{path}: no such mergekit config file") from None
+    except yaml.YAMLError as exc:
+        raise TaskvecError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise TaskvecError(f"{path}: expected a mapping with merge_method, models and base_model")
+    if "slices" in cfg:
+        raise TaskvecError(f"{path}: `slices:` (layer-range merges) is not supported; list whole models under `models:`")
+    method = cfg.get("merge_method")
+    if method not in SUPPORTED:
+        raise TaskvecError(f"{path}: merge_method {method!r} is not supported; use one of {', '.join(SUPPORTED)}")
+    cfg_dir = path.parent
+    top = cfg.get("parameters") or {}
+    unknown = set(top) - _GLOBAL_KEYS
+    if unknown:
+        raise TaskvecError(f"{path}: unknown or unsupported parameters {sorted(unknown)} for {method}")
+    entries = cfg.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise TaskvecError(f"{path}: `models:` must list the models to merge")
+    base = cfg.get("base_model")
+    base = _path(base, cfg_dir, f"{path}: base_model") if base is not None else None
+    if base is None and method != "linear":
+        raise TaskvecError(f"{path}: {method} needs a base_model")
+    models, weights, densities, notes = [], [], [], []
+    for i, e in enumerate(entries):
+        e = {"model": e} if isinstance(e, str) else e
+        if not isinstance(e, dict) or "model" not in e:
+            raise TaskvecError(f"{path}: models[{i}] needs a `model:` entry")
+        ref = _path(e["model"], cfg_dir, f"{path}: models[{i}].model")
+        p = e.get("parameters") or {}
+        bad = set(p) - {"weight", "density"}
+        if bad:
+            raise TaskvecError(f"{path}: models[{i}].parameters {sorted(bad)} not supported (weight, density)")
+        if base is not None and method != "linear" and Path(ref).resolve() == Path(base).resolve():
+            notes.append(f"models[{i}] is the base model; mergekit ignores it in {method}, so does taskvec")
+            continue
+        if "weight" in p:
+            weights.append(_number(p["weight"], f"{path}: models[{i}].parameters.weight"))
+        elif "weight" in top:
+            weights.append(_number(top["weight"], f"{path}: parameters.weight"))
+        else:
+            raise TaskvecError(f"{path}: models[{i}] has no weight (mergekit requires one per model, or a "
+                               "top-level parameters.weight)")
+        dens = p.get("density", top.get("density", 1.0))
+        densities.append(_number(dens, f"{path}: models[{i}].parameters.density"))
+        models.append(ref)
+    if base is None:
+        base = models[0]
+        notes.append("no base_model: the first model supplies config and tokenizer (linear merge)")
+    rescale = top.get("rescale")
+    if isinstance(rescale, bool):
+        rescale = "l1" if rescale else "none"
+    seed = cfg.get("random_seed", top.get("seed", 0))
+    if cfg.get("dtype") not in (None, "float32"):
+        notes.append(f"dtype {cfg['dtype']} is mergekit's compute dtype; taskvec always computes in float32")
+    out_dtype = cfg.get("out_dtype") or cfg.get("dtype")
+    params = MergeParams(weights=tuple(weights), densities=tuple(densities),
+                         lambda_=_number(top.get("lambda", 1.0), f"{path}: parameters.lambda"),
+                         normalize=top.get("normalize"), rescale=rescale, seed=int(seed))
+    return MergeSpec(base=base, models=models, method=method, params=params, out_dtype=out_dtype, notes=notes)
