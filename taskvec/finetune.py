@@ -58,8 +58,9 @@ class Batcher:
     closing special token) — identical to `OutputFunction.encode` for texts that fit. Prompt/target
     examples go through `OutputFunction.encode` itself (they must fit)."""
 
-    def __init__(self, output, examples: Sequence[dict], max_length: int):
+    def __init__(self, output, examples: Sequence[dict], max_length: int, device: str | torch.device = "cpu"):
         self.output, self.examples, self.max_length = output, list(examples), max_length
+        self.device = torch.device(device)
         self.text = "text" in self.examples[0] and not output.kind.startswith("logprob")
         if self.text:
             tok = output.tokenizer
@@ -73,10 +74,14 @@ class Batcher:
 
     def batch(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
         if not self.text:
-            return self.output.encode([self.examples[i] for i in idx])
-        ids, mask = _pad([self.ids[i] for i in idx], self.pad)
-        return {"input_ids": ids, "attention_mask": mask,
-                "label": torch.tensor([self.labels[i] for i in idx], dtype=torch.float64)}
+            out = self.output.encode([self.examples[i] for i in idx])
+        else:
+            ids, mask = _pad([self.ids[i] for i in idx], self.pad)
+            out = {"input_ids": ids, "attention_mask": mask,
+                   "label": torch.tensor([self.labels[i] for i in idx], dtype=torch.float64)}
+        if self.device.type != "cpu":
+            out = {k: v.to(self.device) for k, v in out.items()}
+        return out
 
 
 # ----------------------------------------------------------------------------- losses and metrics
@@ -140,15 +145,16 @@ def pooled_embeddings(model: nn.Module, tokenizer, examples: Sequence[dict], *, 
     from .outputs import LinearHead, make_output
 
     hidden = model.config.hidden_size
-    identity = LinearHead(hidden, hidden, seed=None)
+    device = next(model.parameters()).device
+    identity = LinearHead(hidden, hidden, seed=None).to(device)
     identity.linear.weight.copy_(torch.eye(hidden))
     identity.linear.bias.zero_()
     f = make_output("regression", model, tokenizer, head=identity, max_length=max_length)
-    batcher = Batcher(f, examples, max_length)
+    batcher = Batcher(f, examples, max_length, device)
     params = dict(model.named_parameters())
     out = []
     for start in _tqdm(range(0, len(batcher), batch_size), desc=desc, disable=not progress, leave=False):
-        out.append(f(params, batcher.batch(range(start, min(start + batch_size, len(batcher))))).double().numpy())
+        out.append(f(params, batcher.batch(range(start, min(start + batch_size, len(batcher))))).double().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -270,7 +276,7 @@ def _latest_resumable(ck_dir: Path, sched: dict) -> tuple[int, Path] | None:
 def train_run(*, base: str, model_kind: str, output_kind: str, task_kind: str, tokenizer, head_file: Path | None,
               train: Sequence[dict], validation: Sequence[dict], test: Sequence[dict] | None, cfg: TrainConfig,
               out_dir: str | os.PathLike, seed: int = 0, pretrained: dict | None = None, progress: bool = True,
-              desc: str = "fine-tune") -> dict:
+              desc: str = "fine-tune", device: str = "cpu") -> dict:
     """Fine-tune θ₀ on `train`, checkpointing at the scheduled steps; resumable. Returns the run record.
 
     Determinism: epoch e visits the examples in `default_rng([seed, e]).permutation(n)` order; dropout
@@ -291,7 +297,7 @@ def train_run(*, base: str, model_kind: str, output_kind: str, task_kind: str, t
         raise TaskvecError(f"{out_dir.name}: empty training set")
     loss_name = cfg.loss if cfg.loss != "auto" else {"regression": "mse", "classification": "ce", "causal-lm": "nll"}[task_kind]
     torch.manual_seed(seed)
-    model = load_model(base, kind=model_kind)
+    model = load_model(base, kind=model_kind, device=device)
     causal = model_kind == "causal-lm"
     lora = cfg.scope == "lora"
     if lora:
@@ -301,12 +307,12 @@ def train_run(*, base: str, model_kind: str, output_kind: str, task_kind: str, t
         trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     else:
         trainable = select_trainable(model, cfg.scope)
-    head = LinearHead.load(head_file) if head_file is not None else None
+    head = LinearHead.load(head_file).to(device) if head_file is not None else None
     f = make_output(output_kind, model, tokenizer, head=head, max_length=cfg.max_length)
     params = dict(model.named_parameters())
-    train_b = Batcher(f, train, cfg.max_length)
-    val_b = Batcher(f, validation, cfg.max_length)
-    test_b = Batcher(f, test, cfg.max_length) if test else None
+    train_b = Batcher(f, train, cfg.max_length, device)
+    val_b = Batcher(f, validation, cfg.max_length, device)
+    test_b = Batcher(f, test, cfg.max_length, device) if test else None
     opt = make_optimizer([params[k] for k in trainable], cfg)
     spe = math.ceil(n / cfg.batch_size)
     total = spe * cfg.epochs
@@ -328,7 +334,7 @@ def train_run(*, base: str, model_kind: str, output_kind: str, task_kind: str, t
     resume = _latest_resumable(ck_dir, sched)
     if resume is not None:
         start, folder = resume
-        state = torch.load(folder / STATE_FILE, weights_only=True)
+        state = torch.load(folder / STATE_FILE, weights_only=True, map_location=device)
         with torch.no_grad():
             for k in trainable:
                 params[k].copy_(state["trainable"][k])
@@ -336,7 +342,7 @@ def train_run(*, base: str, model_kind: str, output_kind: str, task_kind: str, t
         curves = state["curves"]
         prev_state = folder / STATE_FILE
     checkpoints = [c for c in curves.get("checkpoints", [])]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     bar = _tqdm(total=total, initial=start, desc=desc, disable=not progress, leave=False, unit="step")
     order = _epoch_order(n, seed, start // spe)
     for step in range(start, total):
@@ -368,10 +374,11 @@ def train_run(*, base: str, model_kind: str, output_kind: str, task_kind: str, t
                                     "format": "peft" if lora else "hf", "metrics": res})
                 curves["checkpoints"] = checkpoints
                 curves["seconds"] = curves.get("seconds", 0.0) + time.perf_counter() - t0
-                t0 = time.perf_counter()
+                curves["cpu_seconds"] = curves.get("cpu_seconds", 0.0) + time.process_time() - c0
+                t0, c0 = time.perf_counter(), time.process_time()
                 state = None
                 if s < total:
-                    state = {"step": s, "trainable": {t: params[t].detach().clone() for t in trainable},
+                    state = {"step": s, "trainable": {t: params[t].detach().cpu().clone() for t in trainable},
                              "optimizer": opt.state_dict(), "curves": curves}
                 meta = {"run": out_dir.name, "checkpoint": name, "epoch": ep, "step": s, "n_train": n,
                         "base": base, "scope": cfg.scope, "loss": loss_name, "output": output_kind, "metrics": res}
@@ -383,12 +390,14 @@ def train_run(*, base: str, model_kind: str, output_kind: str, task_kind: str, t
                 prev_state = (ck_dir / name / STATE_FILE) if state is not None else None
     bar.close()
     curves["seconds"] = curves.get("seconds", 0.0) + time.perf_counter() - t0
+    curves["cpu_seconds"] = curves.get("cpu_seconds", 0.0) + time.process_time() - c0
     atomic_write_json(out_dir / "curves.json", curves)
     record = {"name": out_dir.name, "n_train": n, "steps": total, "steps_per_epoch": spe, "loss": loss_name,
               "primary_metric": PRIMARY[task_kind], "trainable": {"scope": cfg.scope, "tensors": len(trainable),
               "parameters": int(sum(params[t].numel() for t in trainable))},
               "optimizer": optimizer_settings(opt, cfg), "pretrained": pretrained,
-              "checkpoints": checkpoints, "seconds": curves["seconds"],
+              "checkpoints": checkpoints, "seconds": curves["seconds"], "cpu_seconds": curves["cpu_seconds"],
+              "threads": torch.get_num_threads(),
               "examples_per_second": n * cfg.epochs / max(curves["seconds"], 1e-9)}
     atomic_write_json(done, record)
     return record
@@ -417,7 +426,7 @@ def _load_tasks(cfg: CollectionConfig):
 
 
 def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os.PathLike, *,
-                     progress: bool = True) -> "Collection":
+                     progress: bool = True, device: str = "cpu") -> "Collection":
     """Build (or resume) the collection described by `config` into `out`; returns it loaded.
 
     Finished runs are skipped; an interrupted run resumes from its latest checkpoint."""
@@ -435,13 +444,13 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
                                "or remove it")
         if meta.get("complete"):
             return Collection(out)
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_base(cfg.base)
     tasks = _load_tasks(cfg)
     task_kind = next(iter(tasks.values())).kind
     tokenizer = load_tokenizer(base)
-    model0 = load_model(base, kind=cfg.model_kind)
+    model0 = load_model(base, kind=cfg.model_kind, device=device)
     model_kind = "causal-lm" if type(model0).__name__.endswith(("ForCausalLM", "LMHeadModel")) else "encoder"
     if task_kind == "causal-lm" and model_kind != "causal-lm":
         raise TaskvecError(f"tasks are prompt/target (causal LM) but base {cfg.base} is an encoder")
@@ -459,21 +468,34 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
 
     # shared frozen head (encoders): ridge on θ₀'s pooled embeddings of the union of training sets
     head_file, head_info, pretrained, output = None, None, {}, {}
-    t_head = time.perf_counter()
+    t_head, c_head = time.perf_counter(), time.process_time()
     if model_kind == "encoder":
         output_kind = "regression" if task_kind == "regression" else "logits"
         head_file = out / "head" / "taskvec_head.safetensors"
         union = [ex for t in tasks.values() for ex in t.split("train")]
-        emb = {}
         if not head_file.is_file() or not (out / "head" / "head.json").is_file():
-            X = pooled_embeddings(model0, tokenizer, union, max_length=cfg.train.max_length, progress=progress,
-                                  desc="θ₀ embeddings")
+            # one θ₀ pass over train ∪ validation ∪ test: the head's inputs and θ₀'s metrics (f is linear in them)
+            evals = [(name, split) for name in tasks for split in (("validation", "test") if cfg.train.eval_test
+                                                                    else ("validation",))]
+            rows = union + [ex for name, split in evals for ex in tasks[name].split(split)]
+            X_all = pooled_embeddings(model0, tokenizer, rows, max_length=cfg.train.max_length, progress=progress,
+                                      desc="θ₀ embeddings")
+            X = X_all[: len(union)]
             y = np.array([float(e["label"]) for e in union])
             if task_kind == "classification":
                 C = len(next(iter(tasks.values())).label_names)
                 y = np.eye(C)[y.astype(int)]
             head, head_info = fit_ridge_head(X, y, alphas=cfg.head.alphas)
-            head_info["tasks"] = list(tasks)
+            W = head.linear.weight.double().numpy()
+            b = head.linear.bias.double().numpy()
+            start, pre = len(union), {}
+            for name, split in evals:
+                ex = tasks[name].split(split)
+                pred = X_all[start:start + len(ex)] @ W.T + b
+                labels = np.array([float(e["label"]) for e in ex])
+                pre.setdefault(name, {})[split] = metrics_of(pred, labels, task_kind)
+                start += len(ex)
+            head_info.update({"tasks": list(tasks), "pretrained": pre})
             head.save(out / "head")
             atomic_write_json(out / "head" / "head.json", head_info)
         head_info = json.loads((out / "head" / "head.json").read_text())
@@ -485,20 +507,25 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
         output = {"kind": output_kind, "m": 1, "head": None}
     output.update({"max_length": cfg.train.max_length, "truncation": "right (texts only)", "pooling": "mean"
                    if model_kind == "encoder" else None})
-    t_head = time.perf_counter() - t_head
+    t_head, c_head = time.perf_counter(), time.process_time() - t_head
 
     # θ₀'s metrics per task (step 0 of every run of that task)
-    from .outputs import LinearHead, make_output
+    if head_info is not None:
+        pretrained = head_info["pretrained"]
+    else:
+        from .outputs import make_output
 
-    f0 = make_output(output_kind, model0, tokenizer, head=LinearHead.load(head_file) if head_file else None,
-                     max_length=cfg.train.max_length)
-    p0 = dict(model0.named_parameters())
-    for name, task in tasks.items():
-        res = {"validation": evaluate(f0, p0, Batcher(f0, task.split("validation"), cfg.train.max_length), task_kind)}
-        if cfg.train.eval_test:
-            res["test"] = evaluate(f0, p0, Batcher(f0, task.split("test"), cfg.train.max_length), task_kind)
-        pretrained[name] = res
-    del model0, f0, p0
+        f0 = make_output(output_kind, model0, tokenizer, max_length=cfg.train.max_length)
+        p0 = dict(model0.named_parameters())
+        for name, task in tasks.items():
+            res = {"validation": evaluate(f0, p0, Batcher(f0, task.split("validation"), cfg.train.max_length, device),
+                                          task_kind)}
+            if cfg.train.eval_test:
+                res["test"] = evaluate(f0, p0, Batcher(f0, task.split("test"), cfg.train.max_length, device),
+                                       task_kind)
+            pretrained[name] = res
+        del f0, p0
+    del model0
 
     # runs: each task's main fine-tune, then nested subsets of the rate task
     plan = [(name, len(task.split("train")), "task") for name, task in tasks.items()]
@@ -521,7 +548,7 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
                            validation=task.split("validation"),
                            test=task.split("test") if cfg.train.eval_test else None, cfg=cfg.train,
                            out_dir=out / "runs" / run_name, seed=cfg.seed, pretrained=pretrained[name],
-                           progress=progress, desc=f"[{i + 1}/{len(plan)}] {run_name}")
+                           progress=progress, desc=f"[{i + 1}/{len(plan)}] {run_name}", device=device)
         record = dict(record)
         for c in record["checkpoints"]:
             c["path"] = f"runs/{run_name}/{c['path']}"
@@ -529,7 +556,12 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
         runs.append(record)
         atomic_write_json(out / "collection.json", meta)
     meta["complete"] = True
-    meta["timing"] = {"head_seconds": t_head, "train_seconds": sum(r["seconds"] for r in runs),
-                      "total_seconds_this_invocation": time.perf_counter() - t_start}
+    meta["timing"] = {"head_seconds": t_head, "head_cpu_seconds": c_head,
+                      "train_seconds": sum(r["seconds"] for r in runs),
+                      "train_cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in runs),
+                      "total_seconds_this_invocation": time.perf_counter() - t_start,
+                      "total_cpu_seconds_this_invocation": time.process_time() - c_start,
+                      "threads": torch.get_num_threads(), "device": device,
+                      "note": "seconds are wall-clock; cpu_seconds are process CPU time (all threads)"}
     atomic_write_json(out / "collection.json", meta)
     return Collection(out)

@@ -79,6 +79,11 @@ def test_layout_checkpoints_load_and_metrics_match(collection, tiny_bert):
         pred = _manual_f(body, head["weight"], head["bias"], tok, [r["text"] for r in val])[:, 0].detach().numpy()
         mse = float(np.mean((pred - np.array([r["label"] for r in val])) ** 2))
         assert ck.metrics["validation"]["mse"] == pytest.approx(mse, rel=1e-5)
+    base = AutoModel.from_pretrained(tiny_bert / "base", add_pooling_layer=False).eval()
+    val = collection.task_data("amazon").split("test")
+    pred = _manual_f(base, head["weight"], head["bias"], tok, [r["text"] for r in val])[:, 0].detach().numpy()
+    mse0 = float(np.mean((pred - np.array([r["label"] for r in val])) ** 2))
+    assert collection.run("amazon").pretrained["test"]["mse"] == pytest.approx(mse0, rel=1e-5)
     # the config was copied, the data exported, and θ₀'s metrics are step 0 of the curves
     assert (collection.root / "config.toml").is_file()
     curves = run.curves()
@@ -263,3 +268,28 @@ def test_bad_configs(tmp_path, tiny_bert):
     assert CollectionConfig.from_file(yaml_cfg).train.scope == "lora"
     with pytest.raises(TaskvecError, match="not a finished collection"):
         load_collection(tmp_path)
+
+
+def test_bbc_classification_head_and_batches_match_encode(tiny_bert, tmp_path):
+    """5-way BBC topics: one-hot ridge head (m = 5), cross-entropy, accuracy; Batcher == f.encode when texts fit."""
+    from taskvec.models import load_model, load_tokenizer
+    from taskvec.outputs import LinearHead, make_output
+
+    cfg = CollectionConfig.from_dict({
+        "base": str(tiny_bert / "base"), "sizes": {"train": 20, "validation": 10, "test": 10, "probe": 4},
+        "tasks": [{"name": "bbc", "data": "bbc"}], "train": {"batch_size": 10, "epochs": 1, "fractions": []}})
+    col = finetune.build_collection(cfg, tmp_path / "bbc", progress=False)
+    assert col.output["kind"] == "logits" and col.output["m"] == 5
+    run = col.run("bbc")
+    assert run.record["loss"] == "ce" and run.record["primary_metric"] == "ce"
+    m = run.final().metrics["validation"]
+    assert 0 <= m["accuracy"] <= 1 and m["ce"] > 0
+    model = load_model(str(tiny_bert / "base"), kind="encoder")
+    f = make_output("logits", model, load_tokenizer(str(tiny_bert / "base")), head=LinearHead.load(col.head_path),
+                    max_length=512)
+    rows = [{"text": "the market rose", "label": 0}, {"text": "a dull boring film with terrible pacing", "label": 3}]
+    mine, theirs = finetune.Batcher(f, rows, 64).batch([0, 1]), f.encode(rows)
+    for key in theirs:
+        assert torch.equal(mine[key], theirs[key])
+    long = [{"text": " ".join(["market"] * 200), "label": 1}]
+    assert finetune.Batcher(f, long, 64).batch([0])["input_ids"].shape == (1, 64)

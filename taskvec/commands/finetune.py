@@ -12,13 +12,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("config", help="collection config (.toml, .yaml or .yml)")
     p.add_argument("--out", required=True, help="collection folder to build or resume")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, mps)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..finetune import build_collection
 
-    col = build_collection(args.config, args.out, progress=not args.no_progress)
+    col = build_collection(args.config, args.out, progress=not args.no_progress, device=args.device)
     print(f"collection: {col.root}")
     for r in col.runs:
         primary = r.record["primary_metric"]

