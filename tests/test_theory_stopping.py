@@ -139,6 +139,10 @@ def test_sigma_estimators_on_known_noise():
     for name, v in ests.items():
         assert abs(np.mean(v) - sigma) / sigma < 0.12, (name, v)
     assert sigma_heldout([0.3, -0.3, 0.3, -0.3])["sigma"] == pytest.approx(0.3)
+    mu, U = np.linalg.eigh(K / K.shape[0])  # precomputed eigenpairs give the same estimates
+    assert sigma_krr(K, y, eig=(mu, U))["sigma"] == pytest.approx(sigma_krr(K, y)["sigma"], rel=1e-10)
+    assert sigma_spectral_tail(K, y, eig=(mu[::-1], U[:, ::-1]))["sigma"] == pytest.approx(
+        sigma_spectral_tail(K, y)["sigma"], rel=1e-10)
 
 
 def test_rkhs_radius_matches_direct_formula():

@@ -277,7 +277,11 @@ def translate_to_training(mu, sigma: float, *, lr: float, batch_size: int, n: in
 
 # ----------------------------------------------------------------------------- σ and R estimators
 
-def _eig(K):
+def _eig(K, eig=None):
+    """Ascending eigenpairs of K/n (or the `eig=(mu, U)` given, to avoid recomputing)."""
+    if eig is not None:
+        mu, U = eig
+        return np.clip(np.asarray(mu, dtype=np.float64), 0.0, None), np.asarray(U, dtype=np.float64), U.shape[0]
     from ._checks import square_kernel
 
     K = square_kernel(K)
@@ -298,12 +302,12 @@ def _gcv_lambda(mu: np.ndarray, z2: np.ndarray, n: int, lams=None) -> tuple[floa
     return float(lams[int(np.argmin(gcv))]), lams, gcv
 
 
-def sigma_krr(K, targets, *, lam: float | None = None) -> dict:
+def sigma_krr(K, targets, *, lam: float | None = None, eig=None) -> dict:
     """σ̂² = ‖(I − S_λ) r‖² / (n − tr S_λ) for kernel ridge S_λ = K̂(K̂ + λI)⁻¹ on the residual targets
     r = y − f(θ₀); λ by generalised cross-validation unless given (Wahba's effective-dof estimator)."""
     from ._checks import vector
 
-    mu, U, n = _eig(K)
+    mu, U, n = _eig(K, eig)
     r = vector(targets, n, "targets")
     z2 = (U.T @ r) ** 2
     if lam is None:
@@ -315,14 +319,16 @@ def sigma_krr(K, targets, *, lam: float | None = None) -> dict:
             "estimator": "kernel ridge residuals with effective-dof correction, RSS/(n - tr S_lambda), lambda by GCV"}
 
 
-def sigma_spectral_tail(K, targets, *, fraction: float = 0.5) -> dict:
+def sigma_spectral_tail(K, targets, *, fraction: float = 0.5, eig=None) -> dict:
     """σ̂² = mean of (u_iᵀ r)² over the `fraction` of eigen-directions with the smallest μ̂_i.
 
     An RKHS function of norm R puts at most n μ̂_i R² into mode i, so the tail modes hold mostly
     noise; the estimate is biased upward by what signal remains there."""
     from ._checks import vector
 
-    mu, U, n = _eig(K)  # ascending
+    mu, U, n = _eig(K, eig)  # ascending
+    order = np.argsort(mu, kind="stable")
+    mu, U = mu[order], U[:, order]
     r = vector(targets, n, "targets")
     k = max(1, int(round(fraction * n)))
     z2 = (U[:, :k].T @ r) ** 2
@@ -353,13 +359,13 @@ def sigma_heldout(residuals) -> dict:
             "estimator": "RMS of held-out residuals (upper bound: includes the predictor's error)"}
 
 
-def rkhs_radius(K, targets, *, lam: float | None = None) -> dict:
+def rkhs_radius(K, targets, *, lam: float | None = None, eig=None) -> dict:
     """R̂ = ‖f̂_λ‖_H for the kernel ridge fit f̂_λ = K(K + nλI)⁻¹ r of the residual targets:
     ‖f̂_λ‖²_H = αᵀKα = (1/n) Σ μ̂_i (u_iᵀr)² / (μ̂_i + λ)², λ by GCV unless given. The RKHS of the
     eNTK has ‖g‖_H = the smallest parameter change w with J w = g on the probes."""
     from ._checks import vector
 
-    mu, U, n = _eig(K)
+    mu, U, n = _eig(K, eig)
     r = vector(targets, n, "targets")
     z2 = (U.T @ r) ** 2
     if lam is None:

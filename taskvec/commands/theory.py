@@ -1,0 +1,184 @@
+"""`taskvec theory`: predictions of the kernel-regime theory from a saved eNTK spectrum (no model needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TaskvecError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "theory",
+        help="decay fits, early-stopping time, rates from saved eNTK eigenvalues",
+        description=("Regenerate the theory's predictions from a saved spectrum: decay fits, d(λ), the RWY critical "
+                     "radius and stopping time T̂ (in optimiser steps and epochs), predicted rates; writes theory.json "
+                     "and figures. Eigenvalues are of K/n; the kernel is never normalised."),
+    )
+    src = p.add_argument_group("spectrum")
+    src.add_argument("--eigenvalues", type=Path, help="eigenvalues of K/n (.npy; top-k allowed with --n)")
+    src.add_argument("--kernel", type=Path, help="the eNTK K = J Jᵀ (.npy, n×n, unnormalised); its spectrum is used if --eigenvalues is absent")
+    src.add_argument("--n", type=int, help="number of probe examples (default: number of eigenvalues)")
+    src.add_argument("--window", type=int, nargs=2, metavar=("FIRST", "LAST"), help="1-based index window of the decay fits")
+    src.add_argument("--tol", type=float, default=1e-6, help="noise cut: eigenvalues below tol·μ̂₁ are never fitted (default 1e-6)")
+    noise = p.add_argument_group("noise level σ and RKHS radius R")
+    g = noise.add_mutually_exclusive_group()
+    g.add_argument("--sigma", type=float, help="noise standard deviation of the targets")
+    g.add_argument("--residuals", type=Path, help="held-out residuals of a fitted model (.npy); σ = their RMS (an upper bound)")
+    noise.add_argument("--targets", type=Path, help="residual targets y − f(θ₀) on the probes (.npy); with --kernel: σ by kernel ridge (effective dof) and R by its RKHS norm")
+    noise.add_argument("--radius", type=float, help="RKHS radius R of the target function (default: estimated with --kernel/--targets, else 1)")
+    tr = p.add_argument_group("training settings (translate T̂ into steps and epochs)")
+    tr.add_argument("--lr", type=float, help="learning rate")
+    tr.add_argument("--batch-size", type=int, help="batch size")
+    tr.add_argument("--loss", default="mean", choices=["half_mean", "mean", "half_sum", "sum"], help="loss convention (default mean, i.e. MSE without ½)")
+    tr.add_argument("--optimizer", default="sgd", help="sgd (exact correspondence) or adam/adamw (approximate)")
+    tr.add_argument("--epochs-trained", type=float, help="epochs actually trained, to compare with the prediction")
+    rt = p.add_argument_group("rates")
+    rt.add_argument("--nested", type=Path, help=".npz of eigenvalues of K/n on nested subsets, arrays named n_<size>")
+    rt.add_argument("--measured-errors", type=Path, help='.json {"n": [...], "error": [...], "noise_floor": optional}')
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for fit intervals (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.set_defaults(func=run)
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise TaskvecError(f"{what} file {path} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise TaskvecError(f"{what} file {path} is not a readable .npy array ({exc}); save it with numpy.save") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import __version__
+    from ..io import atomic_dir, atomic_write_json, sha256_file
+    from ..theory import figures
+    from ..theory.stopping import rkhs_radius, sigma_heldout, sigma_krr, sigma_spectral_tail
+    from ..theory.summary import analyse_spectrum
+
+    if args.eigenvalues is None and args.kernel is None:
+        raise TaskvecError("pass --eigenvalues FILE.npy (eigenvalues of K/n) or --kernel FILE.npy")
+    from ..theory._checks import square_kernel
+
+    inputs = {}
+    K = eig = None
+    if args.kernel is not None:
+        K = square_kernel(_load_npy(args.kernel, "--kernel"), f"--kernel {args.kernel}")
+        inputs["kernel"] = {"path": str(args.kernel), "sha256": sha256_file(args.kernel)}
+        ev, U = np.linalg.eigh(K / K.shape[0])
+        eig = (np.clip(ev, 0.0, None), U)
+    if args.eigenvalues is not None:
+        mu = _load_npy(args.eigenvalues, "--eigenvalues")
+        inputs["eigenvalues"] = {"path": str(args.eigenvalues), "sha256": sha256_file(args.eigenvalues)}
+        if mu.ndim != 1:
+            raise TaskvecError(f"--eigenvalues {args.eigenvalues}: expected a 1-D array, got shape {mu.shape}")
+    else:
+        mu = eig[0][::-1]
+    sigma, sigma_src, estimates = args.sigma, "given" if args.sigma is not None else None, {}
+    radius, radius_src = args.radius, "given" if args.radius is not None else None
+    if args.residuals is not None:
+        est = sigma_heldout(_load_npy(args.residuals, "--residuals"))
+        estimates["sigma_heldout"] = est
+        sigma, sigma_src = est["sigma"], est["estimator"]
+        inputs["residuals"] = {"path": str(args.residuals), "sha256": sha256_file(args.residuals)}
+    if args.targets is not None:
+        if K is None:
+            raise TaskvecError("--targets needs --kernel (σ and R are estimated by kernel ridge on K)")
+        r = _load_npy(args.targets, "--targets")
+        inputs["targets"] = {"path": str(args.targets), "sha256": sha256_file(args.targets)}
+        estimates["sigma_krr"] = sigma_krr(K, r, eig=eig)
+        estimates["sigma_spectral_tail"] = sigma_spectral_tail(K, r, eig=eig)
+        estimates["radius_krr"] = rkhs_radius(K, r, eig=eig)
+        if sigma is None:
+            sigma, sigma_src = estimates["sigma_krr"]["sigma"], estimates["sigma_krr"]["estimator"]
+        if radius is None:
+            radius, radius_src = estimates["radius_krr"]["radius"], estimates["radius_krr"]["estimator"]
+    if radius is None:
+        radius, radius_src = 1.0, "assumed 1 (no --radius and no --kernel/--targets): T̂ and ε̂ are only meaningful relative to R"
+    training = None
+    if args.lr is not None or args.batch_size is not None:
+        if args.lr is None or args.batch_size is None:
+            raise TaskvecError("translating T̂ into epochs needs both --lr and --batch-size")
+        training = {"lr": args.lr, "batch_size": args.batch_size, "loss": args.loss, "optimizer": args.optimizer}
+        if args.epochs_trained is not None:
+            training["epochs_trained"] = args.epochs_trained
+    nested = None
+    if args.nested is not None:
+        if not args.nested.is_file():
+            raise TaskvecError(f"--nested file {args.nested} does not exist")
+        with np.load(args.nested, allow_pickle=False) as z:
+            try:
+                nested = {int(k.split("_", 1)[1]): z[k] for k in z.files}
+            except (IndexError, ValueError):
+                raise TaskvecError(f"--nested {args.nested}: arrays must be named n_<size>, got {z.files}") from None
+        inputs["nested"] = {"path": str(args.nested), "sha256": sha256_file(args.nested)}
+    measured = None
+    if args.measured_errors is not None:
+        try:
+            measured = json.loads(args.measured_errors.read_text())
+            measured["n"], measured["error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise TaskvecError(f"--measured-errors {args.measured_errors}: expected JSON with keys 'n' and 'error'") from None
+        inputs["measured_errors"] = {"path": str(args.measured_errors), "sha256": sha256_file(args.measured_errors)}
+
+    result = analyse_spectrum(mu, n=args.n, sigma=sigma, radius=radius, window=args.window, tol=args.tol,
+                              n_boot=args.bootstrap, seed=args.seed, training=training, nested=nested, measured=measured,
+                              sigma_source=sigma_src or "none", radius_source=radius_src)
+    if K is not None:
+        from ..theory.stopping import constant_mode
+
+        result["constant_mode"] = constant_mode(eig[1], eig[0])
+    result["estimates"] = estimates
+    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    result["inputs"] = inputs
+    result["versions"] = {"taskvec": __version__, "numpy": np.__version__, "python": platform.python_version()}
+
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        figs = []
+        if not args.no_figures:
+            from ..theory.spectrum import fit_spectrum
+
+            fits = fit_spectrum(np.asarray(mu).ravel(), window=args.window, tol=args.tol, n_boot=0)
+            figs += figures.plot_spectrum(mu, fits, tmp)
+            if "early_stopping" in result:
+                es = result["early_stopping"]
+                figs += figures.plot_stopping(mu if args.n is None else np.concatenate([np.ravel(mu), np.zeros(args.n - np.size(mu))]),
+                                              sigma, es["schedule"]["alpha"], radius=radius, T_hat=es["T_hat"], out_dir=tmp)
+            if "nonparametric_rate" in result or "measured_rate" in result:
+                meas = None
+                if measured is not None:
+                    meas = {"n": measured["n"], "error": np.asarray(measured["error"], dtype=float) - float(measured.get("noise_floor", 0.0)),
+                            "fit": result["measured_rate"]}
+                figs += figures.plot_rates(nonparametric=result.get("nonparametric_rate"), measured=meas,
+                                           predicted_exponent=result["predicted_rate"]["exponent"], out_dir=tmp)
+        result["figures"] = [p.name for p in figs]
+        atomic_write_json(tmp / "theory.json", result)
+    _print_summary(result, args.out)
+    return 0
+
+
+def _print_summary(res: dict, out: Path) -> None:
+    fits = res["decay_fits"]
+    pw, ex = fits["power"], fits["exponential"]
+    print(f"spectrum: n={res['n']}, window {pw['window']}, power β={pw['rate']:.3f} (R² {pw['r2']:.3f}), "
+          f"exponential γ={ex['rate']:.4g} (R² {ex['r2']:.3f}); preferred {fits['preferred']}")
+    pr = res["predicted_rate"]
+    print(f"predicted rate: {pr['formula']}" + ("" if pr["within_assumption"] else " — outside the assumption"))
+    if "early_stopping" in res:
+        es = res["early_stopping"]
+        print(f"σ={es['sigma']:.4g} ({es['sigma_source']}), R={es['radius']:.4g}: ε̂_n={es['eps_hat']:.4g}, "
+              f"T̂={es['T_hat']} kernel-GD steps at α={es['schedule']['alpha']:.4g}")
+    if "training" in res:
+        t = res["training"]
+        ep = "n/a" if t["epochs"] is None else f"{t['epochs']:.3g}"
+        print(f"training: T̂ = {t['T_hat_steps']} optimiser steps = {ep} epochs" + (" (approximate)" if t["approximate"] else ""))
+    print(f"wrote {out / 'theory.json'}")

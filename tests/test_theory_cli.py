@@ -1,0 +1,75 @@
+"""`taskvec theory` end to end on saved arrays: theory.json contents, figures, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from taskvec.cli import main
+
+
+def _spectrum(tmp_path, beta=2.0, n=200):
+    i = np.arange(1, n + 1.0)
+    path = tmp_path / "ev.npy"
+    np.save(path, 0.5 * i**-beta)
+    return path
+
+
+def test_theory_from_eigenvalues(tmp_path, capsys):
+    ev = _spectrum(tmp_path)
+    nested = tmp_path / "nested.npz"
+    np.savez(nested, **{f"n_{n}": 0.5 * np.arange(1, n + 1.0) ** -2.0 for n in (50, 100, 200)})
+    meas = tmp_path / "meas.json"
+    meas.write_text(json.dumps({"n": [50, 100, 200], "error": [0.2, 0.13, 0.08]}))
+    out = tmp_path / "out"
+    rc = main(["theory", "--eigenvalues", str(ev), "--sigma", "0.3", "--lr", "0.05", "--batch-size", "8",
+               "--epochs-trained", "3", "--nested", str(nested), "--measured-errors", str(meas),
+               "--bootstrap", "20", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "theory.json").read_text())
+    assert res["decay_fits"]["power"]["rate"] == pytest.approx(2.0, rel=1e-6)
+    assert res["predicted_rate"]["exponent"] == pytest.approx(-2 / 3, rel=1e-6)
+    es = res["early_stopping"]
+    assert es["radius_source"].startswith("assumed 1")
+    assert es["T_hat"] == int(np.floor(es["eta_star"]))  # α = 1: T̂ = ⌊1/ε̂²⌋
+    tr = res["training"]
+    assert tr["kernel_step_alpha"] == pytest.approx(0.1) and tr["epochs"] == pytest.approx(tr["T_hat_steps"] * 8 / 200)
+    assert tr["trained_over_predicted"] == pytest.approx(3 / tr["epochs"])
+    assert len(res["sensitivity"]) == 25
+    assert set(res["rate_comparison"]) == {"decay_fit", "nonparametric"}
+    assert {"eigenvalues.png", "stopping_rule.pdf", "rates.png"} <= {p.name for p in out.iterdir()}
+    assert res["inputs"]["eigenvalues"]["sha256"]
+    assert "T̂" in capsys.readouterr().out
+
+
+def test_theory_from_kernel_and_targets_estimates_sigma_and_radius(tmp_path):
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(0, 1, 150))
+    K = np.minimum(x[:, None], x[None, :])
+    y = np.sin(2 * x) / 2 + 0.2 * rng.normal(size=x.size)
+    np.save(tmp_path / "K.npy", K)
+    np.save(tmp_path / "r.npy", y)
+    out = tmp_path / "out"
+    assert main(["theory", "--kernel", str(tmp_path / "K.npy"), "--targets", str(tmp_path / "r.npy"),
+                 "--no-figures", "--bootstrap", "0", "--out", str(out)]) == 0
+    res = json.loads((out / "theory.json").read_text())
+    est = res["estimates"]
+    assert 0.14 < est["sigma_krr"]["sigma"] < 0.26 and "sigma_spectral_tail" in est
+    es = res["early_stopping"]
+    assert es["sigma"] == pytest.approx(est["sigma_krr"]["sigma"]) and es["radius"] == pytest.approx(est["radius_krr"]["radius"])
+    assert "constant_mode" in res
+
+
+def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["theory", "--eigenvalues", str(tmp_path / "missing.npy"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.array([1.0, np.nan]))
+    assert main(["theory", "--eigenvalues", str(bad), "--out", str(out)]) == 2
+    assert "NaN" in capsys.readouterr().err
+    ev = _spectrum(tmp_path)
+    assert main(["theory", "--eigenvalues", str(ev), "--lr", "0.1", "--out", str(out)]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    assert main(["theory", "--eigenvalues", str(ev), "--targets", str(ev), "--out", str(out)]) == 2
+    assert not out.exists() or not any(out.iterdir())
