@@ -144,13 +144,14 @@ def plot_interference(result: dict, out_dir=".", name: str = "interference") -> 
         axes = np.atleast_1d(axes)
         mats = [("predicted Δ metric", pred)] + ([("measured Δ metric", np.asarray(meas))] if meas is not None else [])
         vmax = np.nanmax(np.abs(np.concatenate([m[np.isfinite(m)] for _, m in mats]))) or 1.0
-        for ax, (title, m) in zip(axes, mats):
+        for k, (ax, (title, m)) in enumerate(zip(axes, mats)):
             im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
             ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
             ax.set_yticks(range(len(tasks)), tasks)
             ax.set_xlabel("added task B")
-            ax.set_ylabel("evaluated task A")
-            ax.set_title(title)
+            if k == 0:
+                ax.set_ylabel("evaluated task A")
+            ax.set_title(f"{title} ({result.get('metric', '')})")
             ax.grid(False)
         fig.colorbar(im, ax=axes[: len(mats)].tolist(), shrink=0.8)
         if meas is not None:
