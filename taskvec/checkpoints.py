@@ -98,11 +98,12 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, _TensorInfo], dict]:
     return infos, meta
 
 
-def _read_tensor(info: _TensorInfo) -> torch.Tensor:
-    """Read one tensor with a positioned read into a fresh buffer (no mmap: RSS = what we hold)."""
+def _read_tensor(info: _TensorInfo, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with a positioned read (no mmap: RSS = what we hold) into `buf` (a uint8
+    tensor of at least info.nbytes, reused across calls to avoid page faults) or a fresh buffer."""
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if buf is None else buf[: info.nbytes]
     view = memoryview(buf.numpy())
     with open(info.file, "rb", buffering=0) as fh:
         fh.seek(info.begin)
@@ -160,6 +161,17 @@ class Checkpoint:
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         return t
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor `name` into the flat buffer `out` (converted to out.dtype) and return
+        ``out[:numel].view(shape)``. Reusing one buffer per role keeps memory flat and avoids the
+        page faults of a fresh allocation for every tensor."""
+        n = self.numel(name)
+        if out.numel() < n:
+            raise ValueError(f"buffer of {out.numel()} elements is too small for {name} ({n})")
+        dst = out[:n]
+        dst.copy_(self.get(name, out.dtype).reshape(-1))
+        return dst.view(self.shape(name))
 
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
@@ -256,6 +268,34 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _get(self, name: str) -> torch.Tensor:
         return _read_tensor(self._info[name])
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        info = self._info[name]
+        n = math.prod(info.shape)
+        if out.numel() < n:
+            raise ValueError(f"buffer of {out.numel()} elements is too small for {name} ({n})")
+        dst = out[:n]
+        if info.dtype == out.dtype:
+            if n:
+                _read_tensor(info, dst.view(torch.uint8))
+        else:
+            dst.copy_(_read_tensor(info, _scratch(info.nbytes)).reshape(-1))
+        return dst.view(info.shape)
+
+
+_SCRATCH: list[torch.Tensor] = []
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """A reusable uint8 buffer for reads that need a dtype conversion (single-threaded use)."""
+    if not _SCRATCH or _SCRATCH[0].numel() < nbytes:
+        _SCRATCH[:] = [torch.empty(nbytes, dtype=torch.uint8)]
+    return _SCRATCH[0][:nbytes]
+
+
+def release_scratch() -> None:
+    """Free the conversion scratch buffer."""
+    _SCRATCH.clear()
 
 
 def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -727,7 +767,7 @@ def _canonical_map(names: Iterable[str]) -> dict[str, str]:
     return result
 
 
-def _buffer_reason(ckpt: Checkpoint, name: str) -> str | None:
+def buffer_reason(ckpt: Checkpoint, name: str) -> str | None:
     dt = ckpt.dtype(name)
     if not (dt.is_floating_point or dt.is_complex):
         return f"integer/bool tensor ({str(dt).replace('torch.', '')})"
@@ -796,10 +836,10 @@ def align(base: Checkpoint, other: Checkpoint) -> Alignment:
     al = Alignment(base=base.source, other=other.source, is_delta=other.is_delta)
     base_keys, other_keys = [], []
     for k in base.keys():
-        reason = _buffer_reason(base, k)
+        reason = buffer_reason(base, k)
         (al.excluded.__setitem__(k, reason) if reason else base_keys.append(k))
     for k in other.keys():
-        reason = _buffer_reason(other, k)
+        reason = buffer_reason(other, k)
         if reason and not other.is_delta:
             al.excluded.setdefault(k, reason)
         else:

@@ -1,0 +1,236 @@
+"""`taskvec vectors` statistics against direct computations on fully loaded float64 tensors (≤ 1e-6 rel.)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints_zoo import make_collection, make_lora, state
+from taskvec.checkpoints import canonical_name, open_checkpoint
+from taskvec.cli import main
+from taskvec.scope import group_of, resolve_scope
+from taskvec.vector_stats import collection_stats, effective_rank, n_top
+from tiny import save_hf, tiny_model
+
+KS = (1.0, 10.0, 50.0)
+
+
+def _reference(base_sd, ft_sds, names_in_scope):
+    """Every statistic from full float64 tensors, by the definitions in taskvec.vector_stats.
+
+    ft_sds: full state dicts, or ("delta", {name: ΔW}) for a LoRA adapter (zero where absent)."""
+    bc = {canonical_name(k): v for k, v in base_sd.items()}
+    taus = []
+    for sd in ft_sds:
+        if isinstance(sd, tuple):
+            taus.append({n: sd[1][n].double() if n in sd[1] else torch.zeros_like(bc[canonical_name(n)],
+                                                                                  dtype=torch.float64)
+                         for n in names_in_scope})
+            continue
+        fc = {canonical_name(k): v for k, v in sd.items()}
+        taus.append({n: fc[canonical_name(n)].double() - bc[canonical_name(n)].double() for n in names_in_scope})
+    T = len(taus)
+    out = {"tensors": {}, "groups": {}}
+    tot = {"gram": np.zeros((T, T)), "base": 0.0, "both": np.zeros((T, T)), "conf": np.zeros((T, T)),
+           "multi": 0, "any": 0, "top": np.zeros((len(KS), T)), "inter": np.zeros((len(KS), T, T))}
+    groups = {}
+    for n in names_in_scope:
+        X = torch.stack([t[n].reshape(-1) for t in taus])  # T × numel
+        b = bc[canonical_name(n)].double().reshape(-1)
+        d = {"gram": (X @ X.T).numpy(), "base": float(b @ b)}
+        S = torch.sign(X)
+        d["both"] = np.array([[float(((S[i] != 0) & (S[j] != 0)).sum()) for j in range(T)] for i in range(T)])
+        d["conf"] = np.array([[float((S[i] * S[j] < 0).sum()) for j in range(T)] for i in range(T)])
+        multi = (S != 0).sum(0) >= 2
+        d["multi"] = int(multi.sum())
+        d["any"] = int((multi & (S.max(0).values > 0) & (S.min(0).values < 0)).sum())
+        d["top"] = np.zeros((len(KS), T))
+        d["inter"] = np.zeros((len(KS), T, T))
+        for i, k in enumerate(KS):
+            m = n_top(X.shape[1], k)
+            masks = []
+            for t in range(T):
+                srt = X[t].abs().sort(descending=True).values
+                d["top"][i, t] = float((srt[:m] ** 2).sum())
+                thr = srt[m - 1]
+                masks.append((X[t].abs() >= thr) & (X[t] != 0))
+            d["inter"][i] = [[float((masks[s] & masks[t]).sum()) for t in range(T)] for s in range(T)]
+        out["tensors"][n] = d
+        for key in tot:
+            tot[key] = tot[key] + d[key]
+        g = groups.setdefault(group_of(n), {k: 0 for k in tot})
+        for key in tot:
+            g[key] = g[key] + d[key]
+        shape = bc[canonical_name(n)].shape
+        if len(shape) == 2:
+            d["svals"] = [np.linalg.svd(t[n].numpy(), compute_uv=False) for t in taus]
+    out["total"] = tot
+    out["groups"] = groups
+    return out
+
+
+def _check_summary(got, ref, names):
+    norms = np.sqrt(np.diag(ref["gram"]))
+    base = math.sqrt(ref["base"])
+    assert got["base_norm"] == pytest.approx(base, rel=1e-6)
+    for t, name in enumerate(names):
+        g = got["tasks"][name] if isinstance(got.get("tasks"), dict) else got["global"][name]
+        assert g["norm"] == pytest.approx(norms[t], rel=1e-6, abs=1e-12)
+        if base > 0:
+            assert g["relative_norm"] == pytest.approx(norms[t] / base, rel=1e-6, abs=1e-12)
+        else:  # zero-initialised biases: undefined, reported as NaN (null in JSON)
+            assert np.isnan(g["relative_norm"])
+        for i, k in enumerate(KS):
+            want = ref["top"][i, t] / ref["gram"][t, t] if ref["gram"][t, t] > 0 else None
+            if want is None:
+                assert g["top_mass"][f"{k:g}"] is None or np.isnan(g["top_mass"][f"{k:g}"])
+            else:
+                assert g["top_mass"][f"{k:g}"] == pytest.approx(want, rel=1e-6)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = ref["gram"] / np.outer(norms, norms)
+        conf = ref["conf"] / ref["both"]
+    np.testing.assert_allclose(np.array(got["cosine"], dtype=float), cos, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(np.array(got["sign_conflict"]["pairwise"], dtype=float), conf, rtol=1e-12)
+    if ref["multi"]:
+        assert got["sign_conflict"]["any"] == pytest.approx(ref["any"] / ref["multi"], rel=1e-12)
+    for i, k in enumerate(KS):
+        inter = ref["inter"][i]
+        sizes = np.diag(inter)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            jac = inter / (sizes[:, None] + sizes[None, :] - inter)
+        np.testing.assert_allclose(np.array(got["mask_overlap"][f"{k:g}"], dtype=float), jac, rtol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def gpt2_coll(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stats_gpt2")
+    c = make_collection(root, "gpt2", n_ft=2)
+    make_lora(c["base_model"], root / "lora", "gpt2")
+    c["lora"] = root / "lora"
+    return c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_collection_stats_match_full_load(gpt2_coll, dtype):
+    c = gpt2_coll
+    fts = [c["ft"][0], c["ft"][1], c["ft0_bf16_sharded"], c["lora"]]
+    names = ["a", "b", "a_bf16", "lora"]
+    lora = open_checkpoint(c["lora"])  # ΔW itself is checked against peft's merge in test_checkpoints
+    sds = [c["ft_sd"][0], c["ft_sd"][1], {k: v.float() for k, v in c["ft0_bf16_sd"].items()},
+           ("delta", {k: lora.get(k, dtype) for k in lora.keys()})]
+    st = collection_stats(c["base"], fts, names, scope="body", top_k_percent=KS, progress=False, dtype=dtype)
+    data = st.to_dict()
+    json.dumps(data, allow_nan=True)
+    in_scope = resolve_scope(open_checkpoint(c["base"]).keys(), "body")
+    ref = _reference(c["base_sd"], sds, in_scope)
+    assert data["scope"]["n_tensors"] == len(in_scope) and data["scope"]["out_of_scope"] == ["transformer.wte.weight"]
+    _check_summary(data, ref["total"], names)
+    for g, r in ref["groups"].items():
+        _check_summary(data["layers"][g], r, names)
+    for n, r in ref["tensors"].items():
+        _check_summary(data["tensors"][n], r, names)
+        if "svals" in r:
+            for t, name in enumerate(names):
+                s_ref = r["svals"][t]
+                got = data["tensors"][n]["tasks"][name]
+                np.testing.assert_allclose(st.spectra[name][n], s_ref, rtol=1e-6, atol=1e-6 * s_ref[0])
+                assert got["effective_rank"] == pytest.approx(effective_rank(s_ref), rel=1e-6)
+                assert got["stable_rank"] == pytest.approx((s_ref ** 2).sum() / s_ref[0] ** 2 if s_ref[0] > 0 else 0.0,
+                                                          rel=1e-6)
+                np.testing.assert_allclose(got["top_singular_values"], s_ref[:8], rtol=1e-6, atol=1e-6 * s_ref[0])
+    # LoRA ΔW has rank ≤ r: its effective rank says so
+    lora_ranks = [data["tensors"][n]["tasks"]["lora"]["effective_rank"] for n in in_scope
+                  if n.endswith("c_attn.weight")]
+    assert all(0 < e <= 4 for e in lora_ranks)
+
+
+def test_effective_rank_closed_form():
+    assert effective_rank(np.ones(7)) == pytest.approx(7.0)
+    assert effective_rank(np.array([3.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert effective_rank(np.zeros(3)) == 0.0
+
+
+def test_added_vocab_rows_and_tied_head(tmp_path):
+    base = tiny_model("llama")
+    save_hf(base, tmp_path / "base")
+    ft = tiny_model("llama", seed=5)
+    ft.resize_token_embeddings(131)
+    save_hf(ft, tmp_path / "ft")
+    st = collection_stats(tmp_path / "base", [tmp_path / "ft"], ["grown"], scope="embeddings", progress=False)
+    d = st.to_dict()
+    emb = "model.embed_tokens.weight"
+    full = ft.state_dict()[emb]
+    assert d["added_rows"]["grown"][emb]["ft_rows"] == 131
+    assert d["added_rows"]["grown"][emb]["added_norm"] == pytest.approx(float(full[128:].double().norm()), rel=1e-6)
+    want = float((full[:128].double() - base.state_dict()[emb].double()).norm())
+    assert d["global"]["grown"]["norm"] == pytest.approx(want, rel=1e-6)
+
+
+def test_cli_vectors_writes_everything(gpt2_coll, tmp_path, capsys):
+    c = gpt2_coll
+    out = tmp_path / "out"
+    rc = main(["vectors", str(c["base"]), str(c["ft"][0]), str(c["ft"][1]), str(c["lora"]), "--names", "a,b,l",
+               "--out", str(out), "--scope", "attention", "--no-progress", "--top-k", "5"])
+    assert rc == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"vectors.json", "cosine.png", "cosine.pdf", "layer_norms.png", "layer_norms.pdf", "spectra.png",
+            "spectra.pdf", "spectra.npz"} <= files
+    data = json.loads((out / "vectors.json").read_text())
+    assert data["schema"] == "taskvec.vectors/1" and data["tasks"] == ["a", "b", "l"]
+    assert len(data["cosine"]) == 3 and data["cosine"][0][0] == pytest.approx(1.0)
+    assert set(data["mask_overlap"]) == {"5"}
+    assert "cosine" in capsys.readouterr().out
+    # scopes command
+    assert main(["scopes", str(c["base"]), "--scope", r"h\.0\.", "--names"]) == 0
+    text = capsys.readouterr().out
+    assert "attention" in text and "transformer.h.0.attn.c_attn.weight" in text
+
+
+def _bad_inputs(root):
+    """(base, fine-tune, expected message) for each bad-input case of the issue."""
+    base = tiny_model("gpt2")
+    save_hf(base, root / "base")
+    cases = {}
+    save_hf(tiny_model("gpt_neox"), root / "neox")
+    cases["architecture"] = (root / "neox", "gpt_neox model but the base")
+    sd = state(base)
+    sd["transformer.h.0.attn.c_proj.weight"] = torch.zeros(32, 16)
+    torch.save(sd, root / "shape.pt")
+    cases["wrong shape"] = (root / "shape.pt", r"transformer\.h\.0\.attn\.c_proj\.weight.*\(32, 16\)")
+    f = save_hf(base, root / "trunc") / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    cases["truncated"] = (root / "trunc", "truncated")
+    sd = state(base)
+    sd["transformer.h.1.mlp.c_fc.bias"][7] = float("inf")
+    torch.save(sd, root / "inf.pt")
+    cases["nan/inf"] = (root / "inf.pt", r"transformer\.h\.1\.mlp\.c_fc\.bias.*NaN/Inf")
+    (root / "empty").mkdir()
+    cases["empty folder"] = (root / "empty", "no model weights found")
+    make_lora(tiny_model("gpt2", hidden=48), root / "lora48", "gpt2")
+    cases["lora other base"] = (root / "lora48", "different base model")
+    return root / "base", cases
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    return _bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("case", ["architecture", "wrong shape", "truncated", "nan/inf", "empty folder",
+                                  "lora other base"])
+def test_cli_bad_input_clear_error_nothing_written(bad, case, tmp_path, capsys):
+    base, cases = bad
+    ft, msg = cases[case]
+    out = tmp_path / "out"
+    rc = main(["vectors", str(base), str(ft), "--out", str(out), "--no-progress", "--scope", "all"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err
+    import re
+
+    assert re.search(msg, err), err
+    assert str(ft) in err or str(ft / "model.safetensors") in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
