@@ -89,8 +89,8 @@ def _ties_reference(b, taus, w, dens, lam, normalize, thresholds=None):
             if thresholds is not None:
                 keep = np.abs(x) >= thresholds[t]
             else:
-                kk = int(rho * x.size)
-                kth = np.sort(np.abs(x))[::-1][kk - 1] if kk > 0 else np.inf
+                kk = max(1, int(rho * x.size))
+                kth = np.sort(np.abs(x))[::-1][kk - 1]
                 keep = np.abs(x) >= kth
             trimmed.append(np.where(keep, x, 0.0))
         wt = np.array([wi * ti for wi, ti in zip(w, trimmed)])
@@ -305,3 +305,13 @@ def test_output_folder_holding_a_model_is_untouched(collection, tmp_path):
     with pytest.raises(TaskvecError, match="one of the input models"):
         merge_checkpoints(base, fts, "task_arithmetic", MergeParams(), fts[0], progress=False)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_trim_keeps_at_least_one_entry_like_mergekit():
+    from taskvec.merge.ties import trim_magnitude
+
+    x = torch.tensor([0.1, -0.3])
+    assert torch.equal(trim_magnitude(x, 0.3), torch.tensor([0.0, -0.3]))
+    y = torch.tensor([[0.5, -2.0], [1.0, 0.0]])
+    assert torch.equal(trim_magnitude(y, 0.5), torch.tensor([[0.0, -2.0], [1.0, 0.0]]))
+    assert trim_magnitude(y, 1.0) is y

@@ -18,19 +18,19 @@ from .task_arithmetic import mix_deltas, task_deltas
 
 
 def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top floor(density·numel) entries of |delta| (ties broken arbitrarily), zero the rest.
+    """Keep the top max(1, floor(density·numel)) entries of |delta|, zero the rest (mergekit's rule).
 
-    density ≥ 1 returns delta unchanged; if floor(density·numel) is 0 the whole tensor is zeroed
-    (mergekit refuses that case with an assertion).
+    density ≥ 1 returns delta unchanged. Equal magnitudes at the cut are broken the way mergekit breaks
+    them (the first k of a descending torch.argsort), so both tools keep the same entries.
     """
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
-    if k <= 0:
-        return torch.zeros_like(delta)
+    if delta.numel() == 0:
+        return delta
+    k = max(1, int(density * delta.numel()))
     flat = delta.reshape(-1)
     keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    keep[torch.argsort(flat.abs(), descending=True)[:k]] = True
     return torch.where(keep, flat, torch.zeros_like(flat)).reshape(delta.shape)
 
 
