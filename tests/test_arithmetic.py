@@ -10,6 +10,7 @@ from taskvec.arithmetic import (
     negation, parameter_cosine, predict_arithmetic, similarity_table, subspace_similarity,
 )
 from taskvec.errors import TaskvecError
+from theory_support import one_blas_thread  # noqa: F401  (autouse fixture)
 
 TASKS = ["a", "b", "c"]
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from taskvec.cli import main
+from theory_support import one_blas_thread  # noqa: F401  (autouse fixture)
 
 
 def _spectrum(tmp_path, beta=2.0, n=200):

@@ -5,6 +5,7 @@ import numpy as np
 from taskvec.arithmetic import interference
 from taskvec.theory import align_with_finetune, fit_spectrum, kernel_gd_path, stopping_time
 from taskvec.theory import figures
+from theory_support import one_blas_thread  # noqa: F401  (autouse fixture)
 
 
 def test_figures_written(tmp_path):

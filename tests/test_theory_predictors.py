@@ -8,6 +8,7 @@ from taskvec.errors import TaskvecError
 from taskvec.theory import (
     align_with_finetune, early_stopped_kernel_gd, kernel_gd_path, kernel_ridge_path,
 )
+from theory_support import one_blas_thread  # noqa: F401  (autouse fixture)
 
 
 def _linear_problem(seed=0, n=40, n_test=15, p=25):

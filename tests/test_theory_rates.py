@@ -6,6 +6,7 @@ import pytest
 from taskvec.errors import TaskvecError
 from taskvec.theory import fit_decay
 from taskvec.theory.rates import compare_rates, kernel_gd_rates, measured_rate, nonparametric_rate, predicted_rate
+from theory_support import one_blas_thread  # noqa: F401  (autouse fixture)
 
 
 def test_predicted_exponent_from_fits():

@@ -5,6 +5,7 @@ import pytest
 
 from taskvec.errors import TaskvecError
 from taskvec.theory import effective_dimension, fit_decay, fit_spectrum, noise_cut, statistical_dimension
+from theory_support import one_blas_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.mark.parametrize("beta", [1.5, 2.0, 4.0])

@@ -11,6 +11,7 @@ from taskvec.theory import (
     sensitivity, sigma_first_difference, sigma_heldout, sigma_krr, sigma_spectral_tail, stopping_time,
     translate_to_training,
 )
+from theory_support import one_blas_thread  # noqa: F401  (autouse fixture)
 
 
 def ref_R(mu, eps):

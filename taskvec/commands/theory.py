@@ -67,14 +67,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.eigenvalues is None and args.kernel is None:
         raise TaskvecError("pass --eigenvalues FILE.npy (eigenvalues of K/n) or --kernel FILE.npy")
-    from ..theory._checks import square_kernel
+    from ..theory._checks import eigh, square_kernel
 
     inputs = {}
     K = eig = None
     if args.kernel is not None:
         K = square_kernel(_load_npy(args.kernel, "--kernel"), f"--kernel {args.kernel}")
         inputs["kernel"] = {"path": str(args.kernel), "sha256": sha256_file(args.kernel)}
-        ev, U = np.linalg.eigh(K / K.shape[0])
+        ev, U = eigh(K / K.shape[0])
         eig = (np.clip(ev, 0.0, None), U)
     if args.eigenvalues is not None:
         mu = _load_npy(args.eigenvalues, "--eigenvalues")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import TaskvecError
-from ._checks import square_kernel, vector
+from ._checks import eigh, square_kernel, vector
 from .stopping import StepSchedule, stopping_time
 
 
@@ -39,7 +39,7 @@ def _record_times(max_steps: int, n_points: int = 200) -> np.ndarray:
 def eig_normalised(K) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs (ascending) of K/n, round-off negatives clipped; pass as `eig=` to skip recomputing."""
     K = square_kernel(K, "K_train")
-    mu, U = np.linalg.eigh(K / K.shape[0])
+    mu, U = eigh(K / K.shape[0])
     return np.clip(mu, 0.0, None), U
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import TaskvecError
-from ._checks import eigenvalues, positive
+from ._checks import eigenvalues, eigh, positive
 
 TWO_E = 2.0 * math.e
 RWY_BOUND_CONSTANT = 12.0  # RWY 2014 Thm 1(b): ‖f_T̂ − f*‖²_n ≤ 12 ε̂_n² w.p. ≥ 1 − c₁exp(−c₂ n ε̂_n²)
@@ -286,7 +286,7 @@ def _eig(K, eig=None):
 
     K = square_kernel(K)
     n = K.shape[0]
-    mu, U = np.linalg.eigh(K / n)
+    mu, U = eigh(K / n)
     return np.clip(mu, 0.0, None), U, n
 
 
