@@ -438,7 +438,7 @@ def load_task(spec: str, *, sizes: str | dict | None = "full", seed: int = 0, **
     if source == "bbc":
         return load_bbc(arg or None, sizes=sizes, **kw)
     if source == "math":
-        return load_math(arg, sizes=sizes if sizes != "full" else "demo", seed=seed, **kw)
+        return load_math(arg, sizes=sizes, seed=seed, **kw)
     if Path(spec).is_dir():
         return load_jsonl_task(spec, sizes=sizes, **kw)
     raise TaskvecError(f"unknown task {spec!r}: use vader:{{{','.join(VADER_FILES)}}}, bbc, bbc:<topic>, "

@@ -102,13 +102,18 @@ def task_loss(pred: torch.Tensor, batch: dict, *, loss: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(output, params: dict, batcher: Batcher, *, batch_size: int = 64) -> np.ndarray:
+def predict(output, params: dict, batcher: Batcher, *, batch_size: int = 64, progress: bool = False,
+            desc: str = "predicting") -> np.ndarray:
     """f(x; θ) for every example of `batcher` → [n, m] float64."""
+    # texts: batch by token length so little compute goes to padding; rows come back in input order
+    order = np.argsort([len(i) for i in batcher.ids], kind="stable") if batcher.text else np.arange(len(batcher))
     outs = []
-    for start in range(0, len(batcher), batch_size):
-        b = batcher.batch(range(start, min(start + batch_size, len(batcher))))
+    for start in _tqdm(range(0, len(batcher), batch_size), desc=desc, disable=not progress, leave=False):
+        b = batcher.batch(order[start:start + batch_size])
         outs.append(output(params, b).double().cpu().numpy())
-    return np.concatenate(outs)
+    out = np.empty((len(batcher), outs[0].shape[1]))
+    out[order] = np.concatenate(outs)
+    return out
 
 
 def metrics_of(pred: np.ndarray, labels: np.ndarray, kind: str) -> dict[str, float]:
@@ -151,11 +156,7 @@ def pooled_embeddings(model: nn.Module, tokenizer, examples: Sequence[dict], *, 
     identity.linear.bias.zero_()
     f = make_output("regression", model, tokenizer, head=identity, max_length=max_length)
     batcher = Batcher(f, examples, max_length, device)
-    params = dict(model.named_parameters())
-    out = []
-    for start in _tqdm(range(0, len(batcher), batch_size), desc=desc, disable=not progress, leave=False):
-        out.append(f(params, batcher.batch(range(start, min(start + batch_size, len(batcher))))).double().cpu().numpy())
-    return np.concatenate(out)
+    return predict(f, dict(model.named_parameters()), batcher, batch_size=batch_size, progress=progress, desc=desc)
 
 
 def fit_ridge_head(X: np.ndarray, Y: np.ndarray, *, alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 1, 10, 100, 1000)):
@@ -473,7 +474,8 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
         output_kind = "regression" if task_kind == "regression" else "logits"
         head_file = out / "head" / "taskvec_head.safetensors"
         union = [ex for t in tasks.values() for ex in t.split("train")]
-        if not head_file.is_file() or not (out / "head" / "head.json").is_file():
+        head_json = out / "head" / "head.json"
+        if not head_file.is_file() or not head_json.is_file() or "pretrained" not in json.loads(head_json.read_text()):
             # one θ₀ pass over train ∪ validation ∪ test: the head's inputs and θ₀'s metrics (f is linear in them)
             evals = [(name, split) for name in tasks for split in (("validation", "test") if cfg.train.eval_test
                                                                     else ("validation",))]
