@@ -1,0 +1,73 @@
+"""Per-example Jacobian rows J[i] = ∇_θ f(x_i; θ₀) in row blocks, with torch.func vmap(jacrev).
+
+Rows are laid out as the kernel needs them: the *trace* kernel (Σ_o ∇f_o·∇f_o) is the Gram matrix
+of the flattened [m·p] rows, the *block* kernel (nm × nm) that of [p] rows ordered example-major.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch.func import jacrev, vmap
+
+from ..outputs import OutputFunction
+from .params import ParamSpace
+
+
+class ProbeBatch:
+    """An encoded probe set, sorted by length so row blocks carry little padding."""
+
+    def __init__(self, output: OutputFunction, examples: Sequence[Mapping]):
+        self.output = output
+        self.batch = output.encode(examples)
+        self.n = len(examples)
+        self.lengths = self.batch["attention_mask"].sum(1)
+        self.order = torch.argsort(self.lengths, stable=True)  # processing order → original index
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def block(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows `idx` (original indices), trimmed to their longest sequence."""
+        L = int(self.lengths[idx].max())
+        return {k: (v[idx, :L] if v.ndim == 2 else v[idx]) for k, v in self.batch.items()}
+
+    def blocks(self, size: int, *, sorted_order: bool = True) -> Iterator[tuple[torch.Tensor, dict]]:
+        order = self.order if sorted_order else torch.arange(self.n)
+        for start in range(0, self.n, size):
+            idx = order[start:start + size]
+            yield idx, self.block(idx)
+
+
+def jacobian_rows(output: OutputFunction, space: ParamSpace, base: Mapping[str, torch.Tensor],
+                  batch: Mapping[str, torch.Tensor], *, mode: str = "trace", dtype=None) -> torch.Tensor:
+    """J rows for one batch: [b, m·p] (mode='trace') or [b·m, p] (mode='block')."""
+
+    def f(params, example):
+        return output.single(space.expand(params), example)
+
+    # the transforms ignore the outer no_grad; it keeps out-of-scope weights from recording a graph
+    with torch.no_grad():
+        jac = vmap(jacrev(f), in_dims=(None, 0))(dict(base), dict(batch))  # name → [b, m, *shape]
+    b = batch["input_ids"].shape[0]
+    rows = space.flatten(jac, lead=2)  # [b, m, p]
+    del jac
+    if dtype is not None and rows.dtype != dtype:
+        rows = rows.to(dtype)
+    return rows.reshape(b, -1) if mode == "trace" else rows.reshape(-1, rows.shape[-1])
+
+
+def per_example_bytes(output: OutputFunction, space: ParamSpace, probe: ProbeBatch, itemsize: int) -> int:
+    """Rough peak memory of one example inside a vmap(jacrev) block (gradients + activations)."""
+    cfg = getattr(output.model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 12)
+    L = int(probe.lengths.max())
+    act = L * layers * (12 * hidden + 3 * inter + 3 * heads * L)
+    if output.causal:
+        act += 3 * L * int(getattr(cfg, "vocab_size", 0) or 0)
+    return int(itemsize * (3 * output.m * space.p + 2 * act))

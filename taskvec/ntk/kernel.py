@@ -1,0 +1,391 @@
+"""compute_kernel: the eNTK K = J Jᵀ of the pretrained model on a probe set, by one of four strategies.
+
+| strategy   | how                                                                     | memory       |
+|------------|-------------------------------------------------------------------------|--------------|
+| exact      | per-example gradient row blocks (vmap(jacrev)) stored in RAM or a disk   | n·m·p floats |
+|            | memmap; Gram accumulated block by block into float64                     |              |
+| recompute  | a panel of rows kept, the remaining row blocks recomputed per panel      | panel·p      |
+| sketch     | each row block sketched to k dims (CountSketch / Gaussian), K ≈ ΦΦᵀ;     | n·k          |
+|            | the error against exact K on a subset is measured and reported           |              |
+| lanczos    | matrix-free top-k eigenpairs of K/n (VJP then JVP per batch)             | O(p)         |
+
+`strategy="auto"` picks the first that fits `memory_gb`: exact (RAM) → recompute (≤ 4 panels) →
+sketch. Float32 Jacobian blocks are multiplied in float32 over column chunks of `GRAM_CHUNK` and the
+chunk products accumulated in float64; float64 models multiply in float64 throughout.
+Results are cached under `taskvec.io.cache_dir()/ntk/<content hash>`; an interrupted run leaves none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import TaskvecError
+from ..io import atomic_dir, atomic_save_npy, atomic_write_json, cache_dir, content_hash
+from ..outputs import OutputFunction
+from .jacobian import ProbeBatch, jacobian_rows, per_example_bytes
+from .lanczos import KernelOperator, lanczos_topk
+from .params import ParamSpace, build_space
+from .sketch import make_sketch, sketch_bound
+from .spectrum import spectrum
+
+STRATEGIES = ("auto", "exact", "recompute", "sketch", "lanczos")
+GRAM_CHUNK = 1 << 16
+GB = 1 << 30
+
+
+@dataclass
+class KernelResult:
+    """K (n×n float64, unnormalised; None for Lanczos), eigenpairs of K/n (descending) and run info."""
+
+    K: np.ndarray | None
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.info["n"])
+
+    def save(self, folder) -> Path:
+        """kernel.npy (if any), eigenvalues.npy, eigenvectors.npy, ntk.json — each written atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.K is not None:
+            atomic_save_npy(folder / "kernel.npy", self.K)
+        atomic_save_npy(folder / "eigenvalues.npy", self.eigenvalues)
+        atomic_save_npy(folder / "eigenvectors.npy", self.eigenvectors)
+        atomic_write_json(folder / "ntk.json", self.info)
+        return folder
+
+    @classmethod
+    def load(cls, folder) -> "KernelResult":
+        import json
+
+        folder = Path(folder)
+        if not (folder / "ntk.json").is_file():
+            raise TaskvecError(f"{folder}: no ntk.json; run `taskvec ntk` to compute a kernel there")
+        K = np.load(folder / "kernel.npy") if (folder / "kernel.npy").is_file() else None
+        return cls(K, np.load(folder / "eigenvalues.npy"), np.load(folder / "eigenvectors.npy"),
+                   json.loads((folder / "ntk.json").read_text()))
+
+
+# ----------------------------------------------------------------------------------- helpers
+def gram(A: torch.Tensor, B: torch.Tensor, chunk: int = GRAM_CHUNK) -> torch.Tensor:
+    """A Bᵀ in float64: float64 inputs multiply directly; lower precision in column chunks summed in float64."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return A @ B.T
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, A.shape[1], chunk):
+        out += (A[:, c:c + chunk] @ B[:, c:c + chunk].T).double()
+    return out
+
+
+def model_digest(model: nn.Module) -> str:
+    """Content hash of every parameter and buffer (so a cache entry belongs to these exact weights)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def default_memory_gb() -> float:
+    """Half of the memory available now (Linux /proc/meminfo; 8 GB if unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GB / 2
+    except OSError:
+        pass
+    return 8.0
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@dataclass
+class Plan:
+    strategy: str
+    block: int          # examples per vmap block
+    panel: int = 0      # examples per stored panel (recompute)
+    storage: str = "ram"
+    sketch_dim: int = 0
+    notes: list = field(default_factory=list)
+
+
+def plan(strategy: str, *, n: int, rows_per_ex: int, P: int, itemsize: int, ex_bytes: int, model_bytes: int,
+         budget: int, sketch_dim: int | None, top_k: int | None) -> Plan:
+    """Choose strategy, block and panel sizes that fit `budget` bytes (raises if nothing fits)."""
+    free = budget - model_bytes
+    row_bytes = rows_per_ex * P * itemsize  # one example's stored Jacobian rows
+    if free < ex_bytes:
+        raise TaskvecError(
+            f"memory budget {budget / GB:.2f} GB is too small for any strategy: the model takes "
+            f"{model_bytes / GB:.2f} GB and one example's gradient pass about {ex_bytes / GB:.2f} GB; "
+            f"raise --memory-gb or narrow --scope")
+    block = int(max(1, min(n, 64, (free * 0.25) // ex_bytes)))
+    k = int(sketch_dim or min(16384, max(1024, 8 * n * rows_per_ex)))
+    stored = n * row_bytes + (n * rows_per_ex) ** 2 * 8
+    if strategy == "auto":
+        if stored + block * ex_bytes <= free:
+            strategy = "exact"
+        elif (free - block * ex_bytes) >= row_bytes * max(1, math.ceil(n / 4)):
+            strategy = "recompute"
+        else:
+            strategy = "sketch"
+    if strategy == "exact":
+        storage = "ram" if stored + block * ex_bytes <= free else "disk"
+        notes = [] if storage == "ram" else [f"J ({n * row_bytes / GB:.1f} GB) exceeds the budget: stored on disk (memmap)"]
+        return Plan("exact", block, storage=storage, notes=notes)
+    if strategy == "recompute":
+        room = free - block * ex_bytes - (n * rows_per_ex) ** 2 * 8
+        panel = int(room // row_bytes)
+        if panel < 1:
+            raise TaskvecError(f"memory budget {budget / GB:.2f} GB cannot hold one Jacobian row "
+                               f"({row_bytes / GB:.2f} GB) beside the model; use --strategy sketch or lanczos")
+        panel = min(n, max(panel, block))
+        block = min(block, panel)
+        return Plan("recompute", block, panel=panel)
+    if strategy == "sketch":
+        return Plan("sketch", block, sketch_dim=k)
+    if strategy == "lanczos":
+        return Plan("lanczos", block)
+    raise TaskvecError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+
+
+def _unpermute(K_sorted: np.ndarray, row_order: np.ndarray) -> np.ndarray:
+    K = np.empty_like(K_sorted)
+    K[np.ix_(row_order, row_order)] = K_sorted
+    return K
+
+
+def _row_order(order: torch.Tensor, rows_per_ex: int) -> np.ndarray:
+    o = order.numpy()
+    return (o[:, None] * rows_per_ex + np.arange(rows_per_ex)[None, :]).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------- strategies
+class _Runner:
+    def __init__(self, output, space, base, probe, mode, dtype, progress):
+        self.output, self.space, self.base, self.probe = output, space, base, probe
+        self.mode, self.dtype, self.progress = mode, dtype, progress
+        self.r = output.m if mode == "block" else 1
+        self.P = space.p * (output.m if mode == "trace" else 1)
+        self.N = probe.n * self.r
+        self.examples_computed = 0
+
+    def rows(self, batch) -> torch.Tensor:
+        self.examples_computed += batch["input_ids"].shape[0]
+        return jacobian_rows(self.output, self.space, self.base, batch, mode=self.mode, dtype=self.dtype)
+
+    def sorted_blocks(self, size: int, lo: int = 0, hi: int | None = None):
+        """(row start in sorted order, batch) for examples [lo, hi) of the sorted order."""
+        hi = self.probe.n if hi is None else hi
+        for s in range(lo, hi, size):
+            idx = self.probe.order[s:min(s + size, hi)]
+            yield s * self.r, self.probe.block(idx)
+
+    def bar(self, total, desc):
+        return tqdm(total=total, desc=desc, unit="ex", disable=not self.progress)
+
+    # exact: J stored (RAM or memmap), Gram filled block row by block row
+    def exact(self, p: Plan) -> np.ndarray:
+        tmpdir = None
+        if p.storage == "disk":
+            tmpdir = tempfile.TemporaryDirectory(prefix="taskvec-J-", dir=_scratch())
+            np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+            mm = np.memmap(os.path.join(tmpdir.name, "J.bin"), mode="w+", dtype=np_dtype, shape=(self.N, self.P))
+            J = torch.from_numpy(mm)
+        else:
+            J = torch.empty(self.N, self.P, dtype=self.dtype)
+        try:
+            K = torch.zeros(self.N, self.N, dtype=torch.float64)
+            with self.bar(self.probe.n, "eNTK exact") as bar:
+                for r0, batch in self.sorted_blocks(p.block):
+                    R = self.rows(batch)
+                    r1 = r0 + R.shape[0]
+                    J[r0:r1] = R.to(J.dtype)
+                    blk = gram(R, J[:r1])
+                    K[r0:r1, :r1] = blk
+                    K[:r1, r0:r1] = blk.T
+                    bar.update(batch["input_ids"].shape[0])
+            return K.numpy()
+        finally:
+            del J
+            if tmpdir is not None:
+                tmpdir.cleanup()
+
+    # recompute: a panel of rows kept, later row blocks recomputed for each panel
+    def recompute(self, p: Plan) -> np.ndarray:
+        n, K = self.probe.n, torch.zeros(self.N, self.N, dtype=torch.float64)
+        panels = list(range(0, n, p.panel))
+        total = sum(n - s for s in panels)
+        with self.bar(total, f"eNTK recompute ({len(panels)} panels)") as bar:
+            for s in panels:
+                e = min(s + p.panel, n)
+                Jp = torch.empty((e - s) * self.r, self.P, dtype=self.dtype)
+                a0 = s * self.r
+                for r0, batch in self.sorted_blocks(p.block, s, e):
+                    R = self.rows(batch)
+                    i0 = r0 - a0
+                    Jp[i0:i0 + R.shape[0]] = R
+                    blk = gram(R, Jp[:i0 + R.shape[0]])
+                    K[r0:r0 + R.shape[0], a0:r0 + R.shape[0]] = blk
+                    K[a0:r0 + R.shape[0], r0:r0 + R.shape[0]] = blk.T
+                    bar.update(batch["input_ids"].shape[0])
+                for r0, batch in self.sorted_blocks(p.block, e, n):
+                    R = self.rows(batch)
+                    blk = gram(Jp, R)
+                    K[a0:a0 + Jp.shape[0], r0:r0 + R.shape[0]] = blk
+                    K[r0:r0 + R.shape[0], a0:a0 + Jp.shape[0]] = blk.T
+                    bar.update(batch["input_ids"].shape[0])
+                del Jp
+        return K.numpy()
+
+    # sketch: Φ = J S, K ≈ ΦΦᵀ; exact K on the first `check` rows for the measured error
+    def sketch(self, p: Plan, kind: str, seed: int, check: int) -> tuple[np.ndarray, dict]:
+        sk = make_sketch(kind, self.P, p.sketch_dim, seed)
+        Phi = torch.empty(self.N, p.sketch_dim, dtype=torch.float64)
+        check_rows = min(self.N, check * self.r)
+        exact_rows = []
+        with self.bar(self.probe.n, f"eNTK sketch ({kind}, k={p.sketch_dim})") as bar:
+            for r0, batch in self.sorted_blocks(p.block):
+                R = self.rows(batch)
+                if r0 < check_rows:
+                    exact_rows.append(R[: check_rows - r0].clone())
+                Phi[r0:r0 + R.shape[0]] = sk(R).double()
+                bar.update(batch["input_ids"].shape[0])
+        K = (Phi @ Phi.T).numpy()
+        Jc = torch.cat(exact_rows)
+        Kc = gram(Jc, Jc).numpy()
+        Ks = K[:check_rows, :check_rows]
+        err = float(np.linalg.norm(Ks - Kc) / np.linalg.norm(Kc))
+        bound = sketch_bound(float(np.trace(Kc)), p.sketch_dim) / float(np.linalg.norm(Kc))
+        info = {"sketch": kind, "sketch_dim": p.sketch_dim, "seed": seed, "check_rows": int(check_rows),
+                "sketch_rel_error_on_check": err, "sketch_rel_bound_on_check_delta_0.05": bound,
+                "sketch_bound": "||K_sketch - K||_F <= sqrt(2/(k*delta)) tr K with probability >= 1 - delta"}
+        return K, info
+
+
+def _scratch() -> str:
+    d = cache_dir() / "tmp"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
+def _examples_hash(examples: Sequence[Mapping]) -> str:
+    return content_hash([dict(e) for e in examples])
+
+
+def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[Mapping], *, scope="body",
+                   strategy: str = "auto", memory_gb: float | None = None, sketch_dim: int | None = None,
+                   sketch: str = "countsketch", seed: int = 0, top_k: int | None = None, mode: str = "trace",
+                   cache: bool = True, progress: bool = True, check: int = 64,
+                   block_size: int | None = None, panel_size: int | None = None) -> KernelResult:
+    """The eNTK of `output` (built on `model`) on `examples` restricted to `scope`.
+
+    mode: 'trace' (n×n, Σ_o ∇f_o·∇f_o; the scalar kernel when m = 1) or 'block' (nm × nm).
+    top_k: eigenpairs to keep (required for 'lanczos'; default all). block_size / panel_size override the
+    planned examples per vmap block / per stored panel (recompute). Returns a :class:`KernelResult`
+    whose `info` records strategy, timings, peak memory, clipped negatives and the sketch error.
+    """
+    if strategy not in STRATEGIES:
+        raise TaskvecError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    if mode not in ("trace", "block"):
+        raise TaskvecError(f"unknown kernel mode {mode!r}; choose 'trace' or 'block'")
+    if output.model is not model:
+        raise TaskvecError("the output function was built for a different model object; build it on this model")
+    if len(examples) == 0:
+        raise TaskvecError("the probe set is empty; give at least one example")
+    t0 = time.perf_counter()
+    probe = ProbeBatch(output, examples)
+    space = build_space(model, scope, token_ids=probe.batch["input_ids"])
+    base = space.base(model)
+    dtype = next(iter(base.values())).dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n, m = probe.n, output.m
+    rows_per_ex = m if mode == "block" else 1
+    P = space.p * (m if mode == "trace" else 1)
+    budget = int((memory_gb if memory_gb is not None else default_memory_gb()) * GB)
+    if memory_gb is not None and memory_gb <= 0:
+        raise TaskvecError(f"--memory-gb must be positive (got {memory_gb})")
+    pl = plan(strategy, n=n, rows_per_ex=rows_per_ex, P=P, itemsize=itemsize,
+              ex_bytes=per_example_bytes(output, space, probe, itemsize), model_bytes=_model_bytes(model),
+              budget=budget, sketch_dim=sketch_dim, top_k=top_k)
+    if block_size:
+        pl.block = int(block_size)
+    if panel_size and pl.strategy == "recompute":
+        pl.panel = int(panel_size)
+        pl.block = min(pl.block, pl.panel)
+    if pl.strategy == "lanczos" and not top_k:
+        raise TaskvecError("strategy 'lanczos' computes only the top eigenpairs: give --top-k")
+    settings = {"model": model_digest(model), "scope": space.describe(), "output": output.describe(),
+                "examples": _examples_hash(examples), "strategy": pl.strategy, "mode": mode,
+                "sketch": sketch if pl.strategy == "sketch" else None,
+                "sketch_dim": pl.sketch_dim or None, "seed": seed, "top_k": top_k, "dtype": str(dtype),
+                "storage": pl.storage}
+    key = content_hash(settings)
+    folder = cache_dir() / "ntk" / key
+    if cache and (folder / "ntk.json").is_file():
+        res = KernelResult.load(folder)
+        res.info["cache_hit"] = True
+        return res
+
+    runner = _Runner(output, space, base, probe, mode, dtype, progress)
+    t1 = time.perf_counter()
+    extra: dict = {}
+    if pl.strategy == "lanczos":
+        op = KernelOperator(output, space, base, probe, mode=mode, block_size=pl.block)
+        vals, vecs, extra = lanczos_topk(op, top_k, n_norm=n, seed=seed, progress=progress)
+        K = None
+        spec_info = {"n_clipped_negative": 0, "most_negative": 0.0}
+    else:
+        if pl.strategy == "exact":
+            K = runner.exact(pl)
+        elif pl.strategy == "recompute":
+            K = runner.recompute(pl)
+        else:
+            K, extra = runner.sketch(pl, sketch, seed, check)
+        K = _unpermute(K, _row_order(probe.order, rows_per_ex))
+        vals, vecs, spec_info = spectrum(K, n)
+        if top_k:
+            vals, vecs = vals[:top_k], vecs[:, :top_k]
+    t2 = time.perf_counter()
+    info = dict(settings)
+    info.update({
+        "n": n, "m": m, "rows": n * rows_per_ex, "n_params": space.p, "n_tokens": probe.n_tokens,
+        "block_size": pl.block, "panel": pl.panel or None, "memory_budget_gb": budget / GB,
+        "notes": pl.notes, "cache_key": key, "cache_hit": False,
+        "seconds": {"setup": t1 - t0, "kernel": t2 - t1, "total": t2 - t0},
+        "examples_computed": runner.examples_computed, "peak_rss_gb": peak_rss_gb(),
+        "spectrum": spec_info, "normalisation": "eigenvalues are of K/n, n = number of examples",
+        "gram_accumulation": "float64" if dtype == torch.float64 else f"{dtype} products over {GRAM_CHUNK}-column "
+                                                                      f"chunks, summed in float64",
+    })
+    info.update(extra)
+    result = KernelResult(K, vals, vecs, info)
+    if cache:
+        with atomic_dir(folder, overwrite=True) as tmp:
+            result.save(tmp)
+    return result
+
