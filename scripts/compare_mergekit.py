@@ -5,8 +5,13 @@ largest per-tensor difference, wall time and peak memory of both.
 mergekit lives in its own throwaway virtual environment (never a taskvec dependency):
 
     python scripts/compare_mergekit.py --install            # creates /tmp/mk-venv: torch==2.13.0 (CPU), mergekit
-    python scripts/compare_mergekit.py --collection minilm  # all-MiniLM-L6-v2 + 3 perturbed fine-tunes (default)
-    python scripts/compare_mergekit.py --collection tiny    # tiny random Llama + 3 perturbed fine-tunes
+    python scripts/compare_mergekit.py                      # 19M-parameter Llama (random init) + 3 perturbed fine-tunes
+    python scripts/compare_mergekit.py --collection tiny    # 0.6M-parameter Llama, seconds
+    python scripts/compare_mergekit.py --collection minilm  # all-MiniLM-L6-v2 (BERT) + 3 perturbed fine-tunes
+
+mergekit 0.1.5 cannot merge BERT models: mergekit/plan.py concatenates a list with the tuple of aliases of
+an optional weight (`[w_in.name] + (w_in.aliases or [])`, TypeError). The minilm collection records that
+failure per merge and still times taskvec.
 
 Both tools read the *same* mergekit YAML (taskvec via `taskvec merge --config`), run as fresh processes
 under /usr/bin/time (wall seconds include Python start-up and imports; peak = max resident set size).
@@ -83,7 +88,8 @@ def build_collection(kind: str, work: Path) -> tuple[Path, list[Path]]:
     else:
         from tiny import save_hf, tiny_model, tiny_tokenizer
 
-        base = save_hf(tiny_model("llama", seed=0, hidden=128, layers=4), work / "base", tiny_tokenizer())
+        size = {"tiny": dict(hidden=128, layers=4), "llama": dict(hidden=512, layers=8)}[kind]
+        base = save_hf(tiny_model("llama", seed=0, **size), work / "base", tiny_tokenizer())
     sd = load_file(base / "model.safetensors")
     fts = []
     for t in range(3):
@@ -150,7 +156,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", default="/tmp/mk-venv", type=Path, help="virtual environment holding mergekit")
     ap.add_argument("--install", action="store_true", help="create the venv and pip install mergekit if missing")
-    ap.add_argument("--collection", choices=["minilm", "tiny"], default="minilm")
+    ap.add_argument("--collection", choices=["llama", "tiny", "minilm"], default="llama")
     ap.add_argument("--merges", nargs="+", default=list(MERGES), choices=list(MERGES))
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
@@ -186,12 +192,20 @@ def main() -> int:
         cfg = work / f"{key}.yml"
         cfg.write_text(yaml_text(method, weights, top, base, fts))
         mk_out, tv_out = work / f"{key}-mergekit", work / f"{key}-taskvec"
-        mk = timed([str(py), "-m", "mergekit.scripts.run_yaml", str(cfg), str(mk_out), "--quiet",
-                    "--random-seed", "0"], env)
         tv = timed([sys.executable, "-m", "taskvec", "merge", "--config", str(cfg), "--out", str(tv_out),
                     "--no-progress"], env)
+        row = {"method": method, "weights": weights, "parameters": top, "taskvec": tv}
+        try:
+            mk = timed([str(py), "-m", "mergekit.scripts.run_yaml", str(cfg), str(mk_out), "--quiet",
+                        "--random-seed", "0"], env)
+        except RuntimeError as exc:
+            row["mergekit_error"] = str(exc).strip().splitlines()[-1]
+            results["merges"][key] = row
+            print(f"{key:<26} mergekit failed: {row['mergekit_error'][:90]}  (taskvec {tv['wall_s']:.2f} s / "
+                  f"{tv['peak_rss_mib']:.0f} MiB)")
+            continue
         cmp_ = compare(mk_out, tv_out)
-        row = {"method": method, "weights": weights, "parameters": top, "mergekit": mk, "taskvec": tv, **cmp_}
+        row.update({"mergekit": mk, **cmp_})
         if method.startswith("dare"):
             rep = check_merge(base, mk_out, fts, progress=False)
             row["convention_difference"] = CONVENTION[method]

@@ -315,3 +315,18 @@ def test_trim_keeps_at_least_one_entry_like_mergekit():
     y = torch.tensor([[0.5, -2.0], [1.0, 0.0]])
     assert torch.equal(trim_magnitude(y, 0.5), torch.tensor([[0.0, -2.0], [1.0, 0.0]]))
     assert trim_magnitude(y, 1.0) is y
+
+
+def test_streaming_safetensors_writer_round_trips(tmp_path):
+    from taskvec.merge.writer import SafetensorsWriter
+
+    ts = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7), "c": torch.tensor(2.5),
+          "d": torch.zeros(0, 4), "e": torch.tensor([True, False])}
+    plan = [(k, v.dtype, tuple(v.shape)) for k, v in ts.items()]
+    with SafetensorsWriter(tmp_path / "x.safetensors", plan) as w:
+        for k, v in ts.items():
+            w.write(k, v)
+    back = load_file(tmp_path / "x.safetensors")
+    assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) for k in ts)
+    with pytest.raises(ValueError, match="expected a"):
+        SafetensorsWriter(tmp_path / "y.safetensors", plan).write("b", ts["b"])

@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="output dtype (default: each tensor's base dtype); arithmetic is always float32")
     p.add_argument("--scope", default="all", help="tensors to merge (preset or regex; others copied from the base)")
-    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (e.g. 2GB, 500MB)")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 2GB, 500MB)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 

@@ -3,7 +3,7 @@
 `merge_checkpoints(base, finetunes, method, params, out)` pairs every fine-tune with the base
 (`checkpoints.align`), refuses what cannot be merged (shape or vocabulary mismatch, a missing tensor,
 an output folder that already holds a model) before computing anything, then streams tensors through
-the method's per-tensor `combine` in float32 and writes sharded safetensors, the base's config and
+the method's per-tensor `combine` in float32 and writes sharded safetensors tensor by tensor, the base's config and
 tokenizer files and `taskvec_merge.json` into a temporary folder renamed into place at the end.
 """
 
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -28,6 +27,7 @@ from ..scope import resolve_scope
 from . import get_method
 from .base import MergeMethod, MergeParams, TensorContext
 from .ties import GlobalMagnitudeThreshold
+from .writer import SafetensorsWriter
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json", "adapter_config.json", "taskvec_merge.json")
@@ -135,7 +135,7 @@ def _read_ft(base_t: torch.Tensor, ft: Checkpoint, al, name: str) -> torch.Tenso
 
 def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, params: MergeParams | None = None,
                       out: str | Path = "merged", *, out_dtype: str | None = None, scope: str = "all",
-                      max_shard_size: int | str = "2GB", progress: bool = True, extra_record: dict | None = None
+                      max_shard_size: int | str = "5GB", progress: bool = True, extra_record: dict | None = None
                       ) -> Path:
     """Merge `finetunes` onto `base` with `method` and write a Hugging Face folder `out`; return its path.
 
@@ -181,21 +181,21 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
         bar = tqdm(total=len(names), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-            data = {}
-            for name in shard:
-                if name in in_scope:
-                    b, ft_ts = tensors(name)
-                    ctx = TensorContext(name=name, thresholds=thresholds)
-                    t = method.combine(b, ft_ts, params, ctx)
-                    del b, ft_ts
-                else:
-                    t = base.get(name, dtype=None)
-                data[name] = t.to(out_dtypes[name]).contiguous()
-                weight_map[name] = fname
-                total += data[name].numel() * data[name].element_size()
-                bar.update(1)
-            save_file(data, str(tmp / fname), metadata={"format": "pt"})
-            del data
+            plan = [(n, out_dtypes[n], tuple(base.shape(n))) for n in shard]
+            with SafetensorsWriter(tmp / fname, plan) as writer:
+                for name in shard:
+                    if name in in_scope:
+                        b, ft_ts = tensors(name)
+                        t = method.combine(b, ft_ts, params, TensorContext(name=name, thresholds=thresholds))
+                        del b, ft_ts
+                    else:
+                        t = base.get(name, dtype=None)
+                    t = t.to(out_dtypes[name])
+                    writer.write(name, t)
+                    weight_map[name] = fname
+                    total += t.numel() * t.element_size()
+                    del t
+                    bar.update(1)
         bar.close()
         if n_shards > 1:
             atomic_write_json(tmp / "model.safetensors.index.json",
