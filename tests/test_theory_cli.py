@@ -74,3 +74,23 @@ def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     assert "--batch-size" in capsys.readouterr().err
     assert main(["theory", "--eigenvalues", str(ev), "--targets", str(ev), "--out", str(out)]) == 2
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_theory_compares_with_finetune_curve(tmp_path):
+    ev = _spectrum(tmp_path)
+    curves = {"n_train": 200, "batch_size": 8, "steps_per_epoch": 25, "loss": "mse", "primary_metric": "mse",
+              "eval": [{"step": 25 * e, "epoch": float(e), "validation": {"mse": v}}
+                       for e, v in enumerate([1.0, 0.6, 0.45, 0.5, 0.58])]}
+    path = tmp_path / "curves.json"
+    path.write_text(json.dumps(curves))
+    out = tmp_path / "out"
+    assert main(["theory", "--eigenvalues", str(ev), "--sigma", "0.3", "--lr", "0.05", "--curves", str(path),
+                 "--no-figures", "--bootstrap", "0", "--out", str(out)]) == 0
+    res = json.loads((out / "theory.json").read_text())
+    c = res["stopping_vs_curve"]
+    assert res["training"]["batch_size"] == 8  # taken from the curve
+    assert c["best_epoch_measured"] == 2.0 and c["metric"] == "mse"
+    assert c["ratio_predicted_over_measured"] == pytest.approx(res["training"]["epochs"] / 2.0)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"foo": 1}))
+    assert main(["theory", "--eigenvalues", str(ev), "--sigma", "0.3", "--curves", str(bad), "--out", str(tmp_path / "o2")]) == 2

@@ -116,3 +116,20 @@ def test_rwy_rule_in_simulation(delta, sigma, ratio_range):
         assert risk[T] <= 1.7 * risk[t_oracle]
         assert ratio_range[0] <= T / t_oracle <= ratio_range[1], (seed, T, t_oracle)
         assert t_oracle < res["path"]["t"][-1]  # the oracle is inside the simulated horizon
+
+
+def test_schedule_path_across_chunks_matches_closed_form():
+    Jtr, Jte, r, rte = _linear_problem(2)
+    K = Jtr @ Jtr.T
+    a = 0.5 / np.linalg.eigvalsh(K / K.shape[0]).max()
+    times = [0, 1, 4095, 4096, 4097, 8192, 9000]
+    kw = dict(times=times, K_test_train=Jte @ Jtr.T, test_targets=rte)
+    const = kernel_gd_path(K, r, step=a, **kw)
+    arr = kernel_gd_path(K, r, step=np.full(9000, a), **kw)
+    fn = kernel_gd_path(K, r, step=lambda t: np.full(np.shape(t), a), **kw)
+    for other in (arr, fn):
+        np.testing.assert_allclose(other["train_mse"], const["train_mse"], rtol=1e-9)
+        np.testing.assert_allclose(other["test_mse"], const["test_mse"], rtol=1e-9)
+        np.testing.assert_allclose(other["eta"], a * np.array(times), rtol=1e-12)
+    with pytest.raises(TaskvecError, match="fewer than"):
+        kernel_gd_path(K, r, step=np.full(100, a), times=[0, 200])

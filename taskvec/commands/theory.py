@@ -38,6 +38,8 @@ def add_parser(subparsers) -> None:
     tr.add_argument("--loss", default="mean", choices=["half_mean", "mean", "half_sum", "sum"], help="loss convention (default mean, i.e. MSE without ½)")
     tr.add_argument("--optimizer", default="sgd", help="sgd (exact correspondence) or adam/adamw (approximate)")
     tr.add_argument("--epochs-trained", type=float, help="epochs actually trained, to compare with the prediction")
+    tr.add_argument("--curves", type=Path, help="validation curve to compare T̂ with: a `taskvec finetune` curves.json, "
+                    'or {"epoch": [...], "error": [...]}; its batch size is used when --batch-size is absent')
     rt = p.add_argument_group("rates")
     rt.add_argument("--nested", type=Path, help=".npz of eigenvalues of K/n on nested subsets, arrays named n_<size>")
     rt.add_argument("--measured-errors", type=Path, help='.json {"n": [...], "error": [...], "noise_floor": optional}')
@@ -56,6 +58,24 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise TaskvecError(f"{what} file {path} is not a readable .npy array ({exc}); save it with numpy.save") from None
+
+
+def _read_curve(path: Path) -> dict:
+    """Epochs and validation errors from a finetune curves.json (eval list) or a plain {epoch, error} file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TaskvecError(f"--curves {path}: not readable JSON ({exc})") from None
+    if isinstance(data, dict) and "eval" in data:
+        metric = data.get("primary_metric", "mse")
+        rows = [e for e in data["eval"] if isinstance(e.get("validation"), dict) and metric in e["validation"]]
+        if not rows:
+            raise TaskvecError(f"--curves {path}: no eval entries with validation[{metric!r}]")
+        return {"epoch": [r["epoch"] for r in rows], "error": [r["validation"][metric] for r in rows],
+                "batch_size": data.get("batch_size"), "metric": metric}
+    if isinstance(data, dict) and "epoch" in data and "error" in data:
+        return {"epoch": data["epoch"], "error": data["error"], "metric": data.get("metric")}
+    raise TaskvecError(f'--curves {path}: expected a taskvec finetune curves.json or {{"epoch": [...], "error": [...]}}')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
             radius, radius_src = estimates["radius_krr"]["radius"], estimates["radius_krr"]["estimator"]
     if radius is None:
         radius, radius_src = 1.0, "assumed 1 (no --radius and no --kernel/--targets): T̂ and ε̂ are only meaningful relative to R"
+    curve = _read_curve(args.curves) if args.curves is not None else None
+    if curve is not None:
+        inputs["curves"] = {"path": str(args.curves), "sha256": sha256_file(args.curves)}
+        if args.batch_size is None and curve.get("batch_size"):
+            args.batch_size = int(curve["batch_size"])
     training = None
     if args.lr is not None or args.batch_size is not None:
         if args.lr is None or args.batch_size is None:
@@ -133,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
     result = analyse_spectrum(mu, n=args.n, sigma=sigma, radius=radius, window=args.window, tol=args.tol,
                               n_boot=args.bootstrap, seed=args.seed, training=training, nested=nested, measured=measured,
                               sigma_source=sigma_src or "none", radius_source=radius_src)
+    if curve is not None:
+        from ..theory.stopping import compare_with_curve
+
+        pred = result.get("training", {}).get("epochs")
+        result["stopping_vs_curve"] = compare_with_curve(pred, curve["epoch"], curve["error"])
+        result["stopping_vs_curve"]["metric"] = curve.get("metric")
     if K is not None:
         from ..theory.stopping import constant_mode
 
@@ -181,4 +212,7 @@ def _print_summary(res: dict, out: Path) -> None:
         t = res["training"]
         ep = "n/a" if t["epochs"] is None else f"{t['epochs']:.3g}"
         print(f"training: T̂ = {t['T_hat_steps']} optimiser steps = {ep} epochs" + (" (approximate)" if t["approximate"] else ""))
+    if "stopping_vs_curve" in res:
+        c = res["stopping_vs_curve"]
+        print(f"validation curve: best epoch {c['best_epoch_measured']:g} (measured) vs {c['predicted_epochs']} (predicted)")
     print(f"wrote {out / 'theory.json'}")

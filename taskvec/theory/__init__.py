@@ -11,6 +11,7 @@ from .summary import analyse_spectrum
 from .spectrum import DecayFit, effective_dimension, fit_decay, fit_spectrum, noise_cut, statistical_dimension
 from .stopping import (
     StepSchedule,
+    compare_with_curve,
     constant_mode,
     critical_radius,
     early_stopping,
@@ -30,7 +31,7 @@ from .stopping import (
 
 __all__ = [
     "compare_rates", "kernel_gd_rates", "loglog_slope", "measured_rate", "nonparametric_rate", "predicted_rate",
-    "analyse_spectrum", "eig_normalised", "DecayFit", "StepSchedule", "align_with_finetune", "constant_mode", "critical_radius", "early_stopped_kernel_gd",
+    "analyse_spectrum", "eig_normalised", "DecayFit", "StepSchedule", "compare_with_curve", "align_with_finetune", "constant_mode", "critical_radius", "early_stopped_kernel_gd",
     "early_stopping", "effective_dimension", "fit_decay", "fit_spectrum", "kernel_gd_path", "kernel_ridge_path",
     "kernel_step", "local_rademacher", "noise_cut", "project_out_constant", "rkhs_radius", "rwy_bound",
     "sensitivity", "sigma_first_difference", "sigma_heldout", "sigma_krr", "sigma_spectral_tail",

@@ -406,3 +406,26 @@ def project_out_constant(K) -> np.ndarray:
     K = square_kernel(K)
     Kc = K - K.mean(axis=0, keepdims=True)
     return Kc - Kc.mean(axis=1, keepdims=True)
+
+
+def compare_with_curve(predicted_epochs: float | None, epochs, errors, *, higher_is_better: bool = False) -> dict:
+    """The predicted stopping epoch beside a real fine-tune's validation curve: the measured best
+    epoch, their ratio, and how much worse the evaluated epoch nearest the prediction is than the best."""
+    ep = np.asarray(epochs, dtype=np.float64).ravel()
+    err = np.asarray(errors, dtype=np.float64).ravel()
+    if ep.size == 0 or ep.size != err.size:
+        raise TaskvecError(f"validation curve needs matching epochs and errors, got {ep.size} and {err.size}")
+    ok = np.isfinite(err)
+    if not ok.any():
+        raise TaskvecError("validation curve has no finite errors")
+    ep, err = ep[ok], err[ok]
+    best = int(np.argmax(err) if higher_is_better else np.argmin(err))
+    out = {"best_epoch_measured": float(ep[best]), "best_error_measured": float(err[best]),
+           "predicted_epochs": predicted_epochs, "higher_is_better": higher_is_better}
+    if predicted_epochs is not None:
+        near = int(np.argmin(np.abs(ep - predicted_epochs)))
+        out["ratio_predicted_over_measured"] = predicted_epochs / ep[best] if ep[best] > 0 else None
+        out["nearest_evaluated_epoch"] = float(ep[near])
+        out["error_at_nearest"] = float(err[near])
+        out["relative_excess_at_nearest"] = float(abs(err[near] - err[best]) / abs(err[best])) if err[best] != 0 else None
+    return out
