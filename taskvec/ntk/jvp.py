@@ -54,7 +54,8 @@ def jvp(model: nn.Module, output: OutputFunction, examples: Sequence[Mapping],
         direction: Mapping[str, torch.Tensor], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """J·τ on the probe set: [n, m] (float64), τ restricted to the tensors it holds."""
     tangent = match_direction(model, direction)
-    base = {k: p.detach() for k, p in model.named_parameters() if k in tangent}
+    params = dict(model.named_parameters())
+    base = {k: params[k].detach() for k in tangent}  # same key order as the tangent
     probe, blocks = _batches(output, examples, batch_size)
     out = torch.zeros(probe.n, output.m, dtype=torch.float64)
     with tqdm(total=probe.n, desc="J·τ (forward-mode)", unit="ex", disable=not progress) as bar:

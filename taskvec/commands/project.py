@@ -1,0 +1,153 @@
+"""`taskvec project MODEL TASKVECTOR_OR_FINETUNE --data … --out DIR`: where a task vector lies in the eNTK eigenbasis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .ntk import add_model_arguments, kernel_from_args, load_setup
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "project", help="project a task vector on the pretrained model's eNTK eigenbasis (with a random control)",
+        description="J·τ by forward-mode AD (checked against central finite differences), coefficients "
+                    "c_i = u_iᵀJτ/sqrt(nμ̂_i), row-space energy fraction E/‖τ‖², spectral energy profile and "
+                    "cumulative top-k energy, the constant mode's share and the profile with the constant "
+                    "function projected out — for τ and for random directions with τ's per-tensor norms.")
+    add_model_arguments(p)
+    p.add_argument("task_vector", metavar="TASKVECTOR_OR_FINETUNE",
+                   help="a task-vector file (TaskVector.save) or a fine-tuned checkpoint of MODEL (τ = ft − base)")
+    p.add_argument("--kernel", default=None, help="reuse a kernel folder written by `taskvec ntk` on the same data")
+    p.add_argument("--controls", type=int, default=3, help="random-direction controls (default 3)")
+    p.add_argument("--fd-eps", type=float, default=1e-3,
+                   help="finite-difference step, relative to ‖τ‖ (default 1e-3; 0 skips the check)")
+    p.add_argument("--no-figures", action="store_true", help="skip projection.png/pdf")
+    p.set_defaults(func=run)
+
+
+def load_task_vector(path: str, base: str, scope: str, progress: bool):
+    from ..errors import TaskvecError
+    from ..vectors import TaskVector
+
+    src = Path(path)
+    if src.is_file() and src.suffix == ".safetensors":
+        try:
+            return TaskVector.load(src)
+        except TaskvecError:
+            raise
+    if src.exists() or not src.suffix:
+        return TaskVector.from_checkpoints(base, path, scope=scope, progress=progress)
+    raise TaskvecError(f"{path}: neither a task-vector .safetensors file nor a fine-tuned checkpoint folder")
+
+
+def _summary(p: dict) -> dict:
+    keep = ("energy_row_space", "energy_fraction", "tau_sq_norm", "jtau_sq_norm", "top_k_cumulative",
+            "unresolved_fraction", "n_modes_used", "constant_mode")
+    out = {k: p[k] for k in keep if k in p}
+    wc = p.get("without_constant")
+    if wc is not None:
+        out["without_constant"] = {k: wc[k] for k in ("energy_row_space", "jtau_sq_norm", "top_k_cumulative")}
+    return out
+
+
+def run(args) -> int:
+    import numpy as np
+    import torch
+
+    from ..errors import TaskvecError
+    from ..io import atomic_dir, atomic_save_npy, atomic_write_json
+    from ..ntk import KernelResult, finite_difference, jvp, match_direction, project, random_control
+
+    model, output, examples, desc = load_setup(args)
+    tv = load_task_vector(args.task_vector, args.model, args.scope, not args.no_progress)
+    if args.kernel:
+        result = KernelResult.load(args.kernel)
+        if result.n != len(examples):
+            raise TaskvecError(f"{args.kernel}: kernel has n={result.n} but --data gives {len(examples)} examples; "
+                               f"use the same probe set (and --limit)")
+    else:
+        result = kernel_from_args(args, model, output, examples)
+    scope_names = set(result.info["scope"]["tensors"])
+    direction = match_direction(model, tv)
+    inside = {k: v for k, v in direction.items() if k in scope_names}
+    outside = sorted(k for k in direction if k not in scope_names)
+    if not inside:
+        raise TaskvecError(f"{args.task_vector}: none of its {len(direction)} tensors is in the kernel scope "
+                           f"{args.scope!r}; use the same --scope as the task vector")
+    sq = float(sum(float(v.double().pow(2).sum()) for v in inside.values()))
+    Jtau = jvp(model, output, examples, inside, progress=not args.no_progress)
+    proj = project(result, Jtau, tau_sq_norm=sq)
+    report = {"inputs": desc, "task_vector": str(args.task_vector), "scope": args.scope,
+              "tensors_projected": len(inside), "tensors_outside_kernel_scope": outside,
+              "kernel": {k: result.info.get(k) for k in ("strategy", "n", "m", "n_params", "cache_key", "mode")},
+              "task": _summary(proj)}
+    if args.fd_eps > 0:
+        eps = args.fd_eps / max(np.sqrt(sq), 1e-12)
+        fd = finite_difference(model, output, examples, inside, eps=eps)
+        report["jvp_vs_finite_difference"] = {
+            "relative_difference": float((fd - Jtau).norm() / Jtau.norm()) if Jtau.norm() > 0 else float("nan"),
+            "eps": eps, "step_norm": args.fd_eps}
+    controls = []
+    for i in range(args.controls):
+        ctrl = random_control({k: v.cpu() for k, v in inside.items()}, seed=args.seed + 1 + i)
+        cp = project(result, jvp(model, output, examples, ctrl), tau_sq_norm=sq)
+        controls.append(cp)
+    if controls:
+        report["random_controls"] = [_summary(c) for c in controls]
+        ef = [c["energy_fraction"] for c in controls]
+        report["energy_fraction_vs_control"] = {"task": proj["energy_fraction"], "control_mean": float(np.mean(ef)),
+                                                "ratio": proj["energy_fraction"] / float(np.mean(ef))
+                                                if np.mean(ef) > 0 else float("nan")}
+    with atomic_dir(Path(args.out), overwrite=args.overwrite) as tmp:
+        result.save(tmp)
+        atomic_save_npy(tmp / "jtau.npy", Jtau.numpy())
+        atomic_save_npy(tmp / "coefficients.npy", proj["c"])
+        atomic_save_npy(tmp / "spectral_fraction.npy", proj["spectral_fraction"])
+        if controls:
+            atomic_save_npy(tmp / "control_spectral_fraction.npy", np.stack([c["spectral_fraction"] for c in controls]))
+        atomic_write_json(tmp / "projection.json", report)
+        if not args.no_figures:
+            _figure(tmp, proj, controls)
+    fr = proj.get("energy_fraction")
+    print(f"row-space energy fraction E/‖τ‖² = {fr:.4g}"
+          + (f" (random control {report['energy_fraction_vs_control']['control_mean']:.4g})" if controls else ""))
+    print("cumulative spectral energy: " + ", ".join(f"top-{k} {v:.3f}" for k, v in proj["top_k_cumulative"].items()))
+    if "jvp_vs_finite_difference" in report:
+        print(f"J·τ vs finite differences: relative difference {report['jvp_vs_finite_difference']['relative_difference']:.2e}")
+    if outside:
+        print(f"note: {len(outside)} tensor(s) of τ lie outside the kernel scope and were not projected "
+              f"(listed in projection.json)")
+    print(f"written: {args.out}")
+    return 0
+
+
+def _figure(folder: Path, proj: dict, controls: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..plotting import PALETTE, paper_style, save_figure
+
+    with paper_style():
+        fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.8), sharey=True)
+        for ax, key, title in ((axes[0], None, "with constant mode"), (axes[1], "without_constant", "constant projected out")):
+            src = proj if key is None else proj.get(key)
+            if src is None:
+                ax.set_visible(False)
+                continue
+            i = np.arange(1, len(src["cumulative"]) + 1)
+            ax.plot(i, src["cumulative"], color=PALETTE[0], label="task vector")
+            for j, c in enumerate(controls):
+                cs = c if key is None else c.get(key)
+                if cs is not None:
+                    ax.plot(i, cs["cumulative"], color=PALETTE[1], alpha=0.7, lw=1,
+                            label="random control" if j == 0 else None)
+            ax.set_xscale("log")
+            ax.set_xlabel("eigenmode i (descending μ̂)")
+            ax.set_title(title)
+        axes[0].set_ylabel("cumulative share of ‖Jτ‖²")
+        axes[0].legend(frameon=False)
+        save_figure(fig, folder, "projection")
+        plt.close(fig)
