@@ -95,11 +95,11 @@ def kernel_gd_path(K_train, targets, *, step, max_steps: int | None = None, time
     phi = 1.0 - prod  # filter on the training modes
     if np.any(np.abs(prod) > 1e6):
         raise TaskvecError(f"kernel GD diverges: step α exceeds 2/μ̂₁ = {2 / mu.max():.4g}")
-    train_pred = (phi * z[None, :]) @ U.T
-    out = {"t": times, "eta": etas, "train_mse": np.mean((train_pred - r[None, :]) ** 2, axis=1), "n_train": n}
+    # errors in the eigenbasis (U orthonormal): O(T·n), no n×n products unless predictions are asked for
+    out = {"t": times, "eta": etas, "train_mse": np.sum(((1.0 - phi) * z[None, :]) ** 2, axis=1) / n, "n_train": n}
     if f_star is not None:
-        fs = vector(f_star, n, "f_star")
-        out["error_vs_f_star"] = np.mean((train_pred - fs[None, :]) ** 2, axis=1)
+        zs = U.T @ vector(f_star, n, "f_star")
+        out["error_vs_f_star"] = np.sum((phi * z[None, :] - zs[None, :]) ** 2, axis=1) / n
     if Kte is not None:
         safe = np.where(mu > 1e-300, mu, 1.0)
         psi = np.where(mu[None, :] > 1e-14 * max(mu.max(), 1e-300), phi / (n * safe[None, :]), etas[:, None] / n)
@@ -111,7 +111,7 @@ def kernel_gd_path(K_train, targets, *, step, max_steps: int | None = None, time
         if return_predictions:
             out["test_predictions"] = test_pred
     if return_predictions:
-        out["train_predictions"] = train_pred
+        out["train_predictions"] = (phi * z[None, :]) @ U.T
     return out
 
 
