@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from taskvec.arithmetic import interference
+from taskvec.arithmetic import alpha_grid, disentanglement_error, interference, linearisation_error
 from taskvec.theory import align_with_finetune, fit_spectrum, kernel_gd_path, stopping_time
 from taskvec.theory import figures
 from theory_support import one_blas_thread  # noqa: F401  (autouse fixture)
@@ -30,6 +30,11 @@ def test_figures_written(tmp_path):
     labels = {t: rng.normal(size=5) for t in "ab"}
     inter = interference(f0, jt, labels, measured_delta=np.array([[np.nan, 0.1], [0.2, np.nan]]))
     paths += figures.plot_interference(inter, tmp_path)
-    assert len(paths) == 10
+    xi = disentanglement_error(f0, jt, alpha_grid("ab", [0.0, 0.5, 1.0]),
+                               measured=lambda al: {t: f0[t] + sum(al[s] * jt[t][s] for s in "ab") for t in "ab"})
+    paths += figures.plot_disentanglement(xi, tmp_path)
+    lin = linearisation_error({a: a * jt["a"]["a"] + a**2 * 0.1 for a in (0.5, 1.0, 2.0)}, jt["a"]["a"])
+    paths += figures.plot_linearisation_error({"tau_a": lin}, tmp_path)
+    assert len(paths) == 14
     for p in paths:
         assert p.exists() and p.stat().st_size > 1000, p

@@ -165,3 +165,51 @@ def plot_interference(result: dict, out_dir=".", name: str = "interference") -> 
             ax.set_xlabel("predicted")
             ax.set_ylabel("measured")
         return save_figure(fig, out_dir, name)
+
+
+def plot_disentanglement(result: dict, out_dir=".", name: str = "disentanglement") -> list[Path]:
+    """ξ(α₁, α₂) for two tasks on their α grid: linearised prediction beside the measurement (if any)."""
+    import matplotlib.pyplot as plt
+
+    from ..errors import TaskvecError
+
+    tasks = result["tasks"]
+    if len(tasks) != 2:
+        raise TaskvecError(f"the disentanglement heat map needs exactly two tasks, got {len(tasks)}")
+    a1 = sorted({r["alphas"][tasks[0]] for r in result["rows"]})
+    a2 = sorted({r["alphas"][tasks[1]] for r in result["rows"]})
+    keys = ["predicted"] + (["measured"] if "measured" in result["rows"][0] else [])
+    mats = {k: np.full((len(a2), len(a1)), np.nan) for k in keys}
+    for r in result["rows"]:
+        i, j = a2.index(r["alphas"][tasks[1]]), a1.index(r["alphas"][tasks[0]])
+        for k in keys:
+            mats[k][i, j] = r[k]
+    vmax = max(np.nanmax(m) for m in mats.values()) or 1.0
+    with paper_style():
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 2.6), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            im = ax.imshow(mats[k], origin="lower", vmin=0, vmax=vmax, aspect="auto",
+                           extent=(a1[0], a1[-1], a2[0], a2[-1]) if len(a1) > 1 and len(a2) > 1 else None)
+            ax.set_xlabel(f"α ({tasks[0]})")
+            ax.set_ylabel(f"α ({tasks[1]})")
+            ax.set_title(f"ξ(α) {k}")
+            ax.grid(False)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        return save_figure(fig, out_dir, name)
+
+
+def plot_linearisation_error(results: dict, out_dir=".", name: str = "linearisation_error") -> list[Path]:
+    """Relative linearisation error ‖Δf_true − αJτ‖/‖Δf_true‖ against α, one line per task vector
+    (results: name → linearisation_error output)."""
+    import matplotlib.pyplot as plt
+
+    with paper_style():
+        fig, ax = plt.subplots()
+        for k, (label, res) in enumerate(results.items()):
+            a = [r["alpha"] for r in res["rows"]]
+            e = [r["relative_error"] for r in res["rows"]]
+            ax.plot(a, e, "o-", ms=3, color=PALETTE[k % len(PALETTE)], label=str(label))
+        ax.set_xlabel("scale α of the task vector")
+        ax.set_ylabel("relative linearisation error")
+        ax.legend()
+        return save_figure(fig, out_dir, name)

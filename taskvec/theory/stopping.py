@@ -22,12 +22,12 @@ def local_rademacher(mu, eps, *, n: int | None = None):
     """R̂(ε) = sqrt((1/n) Σ_i min(μ̂_i, ε²)), vectorised over ε."""
     mu, _ = eigenvalues(mu, n=n)
     e = np.asarray(eps, dtype=np.float64)
-    e2 = np.minimum(e.ravel() ** 2, np.inf)
-    # sort once; Σ min(μ, x) = S(j) + (n − j) x with j = #{μ ≤ x}
+    e2 = e.ravel() ** 2
+    # Σ_i min(μ_i, x) = S_j + (n − j)·x with j = #{μ_i ≤ x} and S_j their sum (ascending prefix sums)
     asc = mu[::-1]
     csum = np.concatenate([[0.0], np.cumsum(asc)])
     j = np.searchsorted(asc, e2, side="right")
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"):  # (n − j)·∞ when j = n is masked out below
         tot = csum[j] + np.where(j < mu.size, (mu.size - j) * e2, 0.0)
     out = np.sqrt(tot / mu.size)
     return float(out[0]) if e.ndim == 0 else out.reshape(e.shape)
