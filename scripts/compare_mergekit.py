@@ -206,24 +206,22 @@ def main() -> int:
             continue
         cmp_ = compare(mk_out, tv_out)
         row.update({"mergekit": mk, **cmp_})
+        rep = check_merge(base, mk_out, fts, progress=False)  # does taskvec recognise mergekit's merge?
+        row["check_merge_on_mergekit_output"] = {
+            "classification": rep["classification"], "lambda_global": rep["lambda_global"],
+            "kept_fraction": rep["kept_fraction"], "verdicts": [f["message"] for f in rep["findings"]]}
         if method.startswith("dare"):
-            rep = check_merge(base, mk_out, fts, progress=False)
             row["convention_difference"] = CONVENTION[method]
-            row["check_merge_on_mergekit_output"] = {
-                "classification": rep["classification"],
-                "kept_fraction": rep["kept_fraction"],
-                "verdicts": [f["message"] for f in rep["findings"]],
-            }
         results["merges"][key] = row
         print(f"{key:<26} {cmp_['max_abs_diff']:>10.3g} {cmp_['max_diff_over_tensor_max']:>10.3g} "
               f"{cmp_['max_diff_in_float32_eps_of_tensor_max']:>10.3g}  "
               f"{mk['wall_s']:>7.2f} / {mk['peak_rss_mib']:>6.0f}  {tv['wall_s']:>7.2f} / {tv['peak_rss_mib']:>6.0f}")
-        if method.startswith("dare"):
-            c = row["check_merge_on_mergekit_output"]
-            print(f"{'':<26} masks differ by design; taskvec check-merge on mergekit's output: {c['classification']}, "
-                  f"kept {', '.join(f'{k:.3f}' for k in c['kept_fraction'])}")
-            for v in c["verdicts"]:
-                print(f"{'':<28}- {v[:160]}")
+        c = row["check_merge_on_mergekit_output"]
+        print(f"{'':<26} taskvec check-merge on mergekit's output: {c['classification']}, "
+              f"kept {', '.join(f'{k:.3f}' for k in c['kept_fraction'])}"
+              + (" (random masks differ from taskvec's by design)" if method.startswith("dare") else ""))
+        for v in c["verdicts"]:
+            print(f"{'':<28}- {v[:160]}")
     if args.out:
         from taskvec.io import atomic_write_json
 

@@ -330,3 +330,28 @@ def test_streaming_safetensors_writer_round_trips(tmp_path):
     assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) for k in ts)
     with pytest.raises(ValueError, match="expected a"):
         SafetensorsWriter(tmp_path / "y.safetensors", plan).write("b", ts["b"])
+
+
+def test_lora_adapter_as_finetune_matches_peft_merge(tmp_path):
+    """A PEFT LoRA folder is a fine-tune θ₀ + ΔW: task arithmetic with weight 1 equals peft's merge_and_unload."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("llama", seed=0)
+    save_hf(base, tmp_path / "base", tiny_tokenizer())
+    torch.manual_seed(3)
+    peft_model = get_peft_model(tiny_model("llama", seed=0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    want = {k: v.double().numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    out = merge_checkpoints(tmp_path / "base", [tmp_path / "adapter"], "task_arithmetic", MergeParams(),
+                            tmp_path / "m", progress=False)
+    got = merged(out)
+    assert json.loads((out / "taskvec_merge.json").read_text())["models"][0]["lora_adapter"] is True
+    changed = 0
+    for k, v in got.items():
+        np.testing.assert_allclose(v, want[k], rtol=0, atol=1e-6, err_msg=k)
+        changed += not np.array_equal(v, merged(tmp_path / "base")[k])
+    assert changed == 4  # q_proj and v_proj of both layers

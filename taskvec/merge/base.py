@@ -102,7 +102,7 @@ class MergeMethod:
         if not isinstance(params.seed, int) or params.seed < 0:
             raise TaskvecError(f"--seed {params.seed!r}: must be a non-negative integer")
         normalize = self.default_normalize if params.normalize is None else bool(params.normalize)
-        if normalize and self.name != "ties" and abs(sum(weights)) < 1e-8:
+        if normalize and self.name not in ("ties", "dare_ties") and abs(sum(weights)) < 1e-8:
             raise TaskvecError(f"weights {list(weights)} sum to 0, so normalize=true would divide by zero; "
                                "change a weight or pass --no-normalize")
         return replace(params, weights=weights, densities=densities, normalize=normalize, rescale=rescale)
