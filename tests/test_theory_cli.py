@@ -59,6 +59,9 @@ def test_theory_from_kernel_and_targets_estimates_sigma_and_radius(tmp_path):
     es = res["early_stopping"]
     assert es["sigma"] == pytest.approx(est["sigma_krr"]["sigma"]) and es["radius"] == pytest.approx(est["radius_krr"]["radius"])
     assert "constant_mode" in res
+    kp = res["kernel_predictors"]
+    assert kp["n_test"] == 38 and kp["test_mse_at_T_hat"] < kp["test_mse_at_start"]
+    assert kp["oracle_test_mse"] <= kp["test_mse_at_T_hat"] and kp["ridge_best_test_mse"] <= kp["ridge_test_mse_at_gcv"]
 
 
 def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):

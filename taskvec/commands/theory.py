@@ -31,6 +31,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--sigma", type=float, help="noise standard deviation of the targets")
     g.add_argument("--residuals", type=Path, help="held-out residuals of a fitted model (.npy); σ = their RMS (an upper bound)")
     noise.add_argument("--targets", type=Path, help="residual targets y − f(θ₀) on the probes (.npy); with --kernel: σ by kernel ridge (effective dof) and R by its RKHS norm")
+    noise.add_argument("--holdout", type=float, default=0.25, help="with --kernel/--targets: seeded fraction of probes held out "
+                       "to measure early-stopped kernel GD and kernel ridge on the eNTK (0 disables; default 0.25)")
     noise.add_argument("--radius", type=float, help="RKHS radius R of the target function (default: estimated with --kernel/--targets, else 1)")
     tr = p.add_argument_group("training settings (translate T̂ into steps and epochs)")
     tr.add_argument("--lr", type=float, help="learning rate")
@@ -58,6 +60,31 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise TaskvecError(f"{what} file {path} is not a readable .npy array ({exc}); save it with numpy.save") from None
+
+
+def _kernel_predictors(K: np.ndarray, r: np.ndarray, sigma: float, radius: float, holdout: float, seed: int) -> dict:
+    """Early-stopped kernel GD and kernel ridge on a seeded train/held-out split of the probes: the
+    error at the RWY T̂ (rule applied to the training block's spectrum) beside the oracle-best t."""
+    from ..theory.predictors import early_stopped_kernel_gd, kernel_ridge_path
+
+    n = K.shape[0]
+    n_test = int(round(holdout * n))
+    if not 0 < holdout < 1 or n_test < 2 or n - n_test < 4:
+        raise TaskvecError(f"--holdout {holdout} leaves too few probes (n={n}); use a fraction in (0, 1) or 0 to disable")
+    perm = np.random.default_rng(seed).permutation(n)
+    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    Ktr, Kte = K[np.ix_(tr, tr)], K[np.ix_(te, tr)]
+    gd = early_stopped_kernel_gd(Ktr, r[tr], sigma, radius=radius, K_test_train=Kte, test_targets=r[te], horizon=50)
+    top = float(gd["eigenvalues"][0])
+    ridge = kernel_ridge_path(Ktr, r[tr], top * np.logspace(-6, 1, 36), K_test_train=Kte, test_targets=r[te])
+    j = int(np.argmin(np.abs(ridge["lambda"] - ridge["gcv_lambda"])))
+    summary = {"n_train": int(tr.size), "n_test": int(te.size), "seed": seed, "T_hat": gd["T_hat"],
+               "test_mse_at_T_hat": gd["error_at_T_hat"], "oracle_t": gd["oracle_t"], "oracle_test_mse": gd["oracle_error"],
+               "oracle_at_horizon": gd["oracle_at_horizon"],
+               "test_mse_at_start": float(gd["path"]["test_mse"][0]), "ridge_gcv_lambda": ridge["gcv_lambda"],
+               "ridge_test_mse_at_gcv": float(ridge["test_mse"][j]), "ridge_best_test_mse": float(np.min(ridge["test_mse"])),
+               "note": "targets are residuals y - f(theta0); test MSE at t=0 is the pretrained model's"}
+    return {"gd": gd, "ridge": ridge, "summary": summary}
 
 
 def _read_curve(path: Path) -> dict:
@@ -164,6 +191,10 @@ def run(args: argparse.Namespace) -> int:
         pred = result.get("training", {}).get("epochs")
         result["stopping_vs_curve"] = compare_with_curve(pred, curve["epoch"], curve["error"])
         result["stopping_vs_curve"]["metric"] = curve.get("metric")
+    kernel_runs = None
+    if K is not None and args.targets is not None and args.holdout > 0:
+        kernel_runs = _kernel_predictors(K, r, sigma, radius, args.holdout, args.seed)
+        result["kernel_predictors"] = kernel_runs["summary"]
     if K is not None:
         from ..theory.stopping import constant_mode
 
@@ -191,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
                             "fit": result["measured_rate"]}
                 figs += figures.plot_rates(nonparametric=result.get("nonparametric_rate"), measured=meas,
                                            predicted_exponent=result["predicted_rate"]["exponent"], out_dir=tmp)
+            if kernel_runs is not None:
+                figs += figures.plot_kernel_predictors(kernel_runs["gd"], kernel_runs["ridge"], out_dir=tmp)
         result["figures"] = [p.name for p in figs]
         atomic_write_json(tmp / "theory.json", result)
     _print_summary(result, args.out)
@@ -212,6 +245,10 @@ def _print_summary(res: dict, out: Path) -> None:
         t = res["training"]
         ep = "n/a" if t["epochs"] is None else f"{t['epochs']:.3g}"
         print(f"training: T̂ = {t['T_hat_steps']} optimiser steps = {ep} epochs" + (" (approximate)" if t["approximate"] else ""))
+    if "kernel_predictors" in res:
+        k = res["kernel_predictors"]
+        print(f"kernel GD on held-out probes: MSE {k['test_mse_at_start']:.4g} at θ₀ → {k['test_mse_at_T_hat']:.4g} at T̂={k['T_hat']} "
+              f"(oracle {k['oracle_test_mse']:.4g} at t={k['oracle_t']}); kernel ridge (GCV) {k['ridge_test_mse_at_gcv']:.4g}")
     if "stopping_vs_curve" in res:
         c = res["stopping_vs_curve"]
         print(f"validation curve: best epoch {c['best_epoch_measured']:g} (measured) vs {c['predicted_epochs']} (predicted)")

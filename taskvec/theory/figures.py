@@ -36,7 +36,8 @@ def plot_spectrum(mu, fits: dict | None, out_dir, name: str = "eigenvalues") -> 
             if k == 0:
                 ax.axvspan(lo, hi, color=PALETTE[0], alpha=0.07, lw=0)
                 cut = mu[0] * fit.tol
-                ax.axhline(cut, color=PALETTE[3], ls=":", lw=0.8, label=f"noise cut tol·μ̂₁ (tol={fit.tol:g})")
+                if mu.min() < 10 * cut:  # draw the cut only where it touches the spectrum
+                    ax.axhline(cut, color=PALETTE[3], ls=":", lw=0.8, label=f"noise cut tol·μ̂₁ (tol={fit.tol:g})")
         ax.set_xlabel("index i")
         ax.set_ylabel("eigenvalue μ̂ᵢ")
         ax.legend(loc="lower left")
@@ -211,5 +212,30 @@ def plot_linearisation_error(results: dict, out_dir=".", name: str = "linearisat
             ax.plot(a, e, "o-", ms=3, color=PALETTE[k % len(PALETTE)], label=str(label))
         ax.set_xlabel("scale α of the task vector")
         ax.set_ylabel("relative linearisation error")
+        ax.legend()
+        return save_figure(fig, out_dir, name)
+
+
+def plot_kernel_predictors(gd: dict, ridge: dict | None = None, out_dir=".", name: str = "kernel_predictors") -> list[Path]:
+    """Held-out MSE of kernel GD on the eNTK against η_t (with T̂ and the oracle t marked), and of kernel
+    ridge against 1/λ on the same axis (the η ↔ 1/λ correspondence)."""
+    import matplotlib.pyplot as plt
+
+    path = gd["path"]
+    key = "test_mse" if "test_mse" in path else "train_mse"
+    eta = np.asarray(path["eta"], dtype=float)
+    with paper_style():
+        fig, ax = plt.subplots()
+        ok = eta > 0
+        ax.semilogx(eta[ok], np.asarray(path[key])[ok], color=PALETTE[0], label=f"kernel GD ({key.replace('_', ' ')})")
+        if ridge is not None and "test_mse" in ridge:
+            ax.semilogx(1 / np.asarray(ridge["lambda"]), ridge["test_mse"], "--", color=PALETTE[2], label="kernel ridge (η = 1/λ)")
+        t = np.asarray(path["t"])
+        T = gd["T_hat"]
+        ax.axvline(eta[int(np.searchsorted(t, T))] if T > 0 else eta[ok][0], color=PALETTE[3], ls="--", lw=0.9, label=f"RWY T̂ = {T}")
+        if "oracle_t" in gd:
+            ax.axvline(eta[int(np.searchsorted(t, gd["oracle_t"]))], color=PALETTE[7], ls=":", lw=0.9, label=f"oracle t = {gd['oracle_t']}")
+        ax.set_xlabel("η_t = Σ α_τ")
+        ax.set_ylabel("held-out MSE (residual targets)")
         ax.legend()
         return save_figure(fig, out_dir, name)

@@ -171,6 +171,7 @@ def early_stopped_kernel_gd(K_train, targets, sigma: float, *, radius: float = 1
         out["oracle_t"] = int(t[np.argmin(err)])
         out["oracle_error"] = float(err.min())
         out["error_at_T_hat"] = float(err[int(np.searchsorted(t, rule["T_hat"]))])
+        out["oracle_at_horizon"] = bool(out["oracle_t"] >= t[-1] * 0.99)  # raise `horizon` to locate it
         out["eps_hat_sq_target_units"] = (radius * rule["eps_hat"]) ** 2
     return out
 
