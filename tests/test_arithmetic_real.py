@@ -103,3 +103,16 @@ def test_one_gradient_step_is_one_kernel_gd_step(setup):
         errs.append(np.linalg.norm(moved - pred) / np.linalg.norm(moved))
     assert errs[0] < 1e-2
     assert 1.6 < errs[0] / errs[1] < 2.4  # the gap is the O(lr²) curvature term
+
+
+def test_subspace_similarity_agrees_with_ntk_cross_blocks():
+    """arithmetic.subspace_similarity (K/n eigenpairs) and taskvec.ntk.cross (K eigenpairs) agree."""
+    from taskvec.arithmetic import subspace_similarity
+    from taskvec.ntk import kernel_alignment, principal_angles
+
+    rng = np.random.default_rng(5)
+    JA, JB = rng.normal(size=(9, 30)), rng.normal(size=(7, 30)) + 0.5 * rng.normal(size=(7, 1))
+    KAA, KBB, KAB = JA @ JA.T, JB @ JB.T, JA @ JB.T
+    mine = subspace_similarity(KAA, KBB, KAB, k=5)
+    np.testing.assert_allclose(mine["principal_cosines"], principal_angles(KAA, KBB, KAB, 5), atol=1e-10)
+    assert mine["operator_alignment"] == pytest.approx(kernel_alignment(KAA, KBB, KAB), rel=1e-12)
