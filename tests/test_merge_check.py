@@ -189,3 +189,18 @@ def test_predicted_retention_closed_form():
         (0.7 * jtau["b"][0].ravel() + 0.4 * ownb) @ ownb / (ownb @ ownb), rel=1e-12)
     with pytest.raises(TaskvecError, match="rows"):
         predicted_retention({"a": jtau["a"][:1], "b": jtau["b"]}, lam)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_merges_are_judged_against_their_rounding(coll, tmp_path, dtype):
+    root, base, fts = coll
+    w = (0.3, 0.5, 0.7)
+    out = merge_checkpoints(base, fts, "task_arithmetic", MergeParams(weights=w), tmp_path / "ta", progress=False,
+                            out_dtype=dtype)
+    rep = check_merge(base, out, fts, progress=False)
+    assert rep["classification"] == "task_arithmetic"
+    assert np.abs(np.array(rep["lambda_global"]) - w).max() < 1e-3
+    assert not any(f["level"] == "error" for f in rep["findings"]), rep["findings"]
+    out = merge_checkpoints(base, fts, "dare_ties", MergeParams(densities=(0.5,)), tmp_path / "dt", progress=False,
+                            out_dtype=dtype)
+    assert check_merge(base, out, fts, progress=False)["classification"] == "dare_ties"

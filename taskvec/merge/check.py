@@ -35,11 +35,12 @@ def _read(ck, al, name, base_t):
 
 
 def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.ndarray],
-                  fallback: Sequence[float | None] | None = None) -> dict:
+                  fallback: Sequence[float | None] | None = None, eps: float = sig.EPS32) -> dict:
     """All statistics of one tensor (flattened float64 arrays of base, merged and fine-tunes).
 
     Subset coefficients c_t come from the tensor's own ratio mode; where it has none, from `fallback`
-    (the median mode of the other tensors), else from the least-squares λ_t.
+    (the median mode of the other tensors), else from the least-squares λ_t. eps: machine epsilon of
+    the merged model's storage dtype; its rounding noise is what an exact merge may still leave.
     """
     finite = np.isfinite(m)
     nonfinite = int((~finite).sum())
@@ -49,14 +50,18 @@ def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.n
         X = X[finite]
         d = d[finite]
     fit = sig.fit_stats(X, d)
-    trim = sig.trim_evidence(X, d)
+    mf = m[finite] if nonfinite else m
+    u = sig.ulp(mf, eps)
+    noise = float((u ** 2).sum() / 12)  # variance of round-to-nearest at the merged dtype
+    visible = np.abs(X).max(1) > sig.ulp(b[finite] if nonfinite else b, eps) if eps > sig.EPS32 else None
+    trim = sig.trim_evidence(X, d, visible)
     step = max(1, len(d) // SUBSAMPLE)
-    Xs, ds, ms = X[::step], d[::step], m[finite][::step]
+    Xs, ds, ms = X[::step], d[::step], mf[::step]
     modes = [sig.ratio_mode(Xs[:, t], ds) for t in range(X.shape[1])]
     fallback = list(fallback) if fallback is not None else [None] * X.shape[1]
     coef = np.array([c if freq >= 0.01 else (fb if fb is not None else lam)
                      for (c, freq), lam, fb in zip(modes, fit["lambda"], fallback)])
-    sub = sig.subset_fit(Xs, ds, coef, ms) if (fit["residual_fraction"] > 1e-8 or trim["zero_entries"]) else \
+    sub = sig.subset_fit(Xs, ds, coef, ms, eps=eps) if (fit["residual_fraction"] > 1e-8 or trim["zero_entries"]) else \
         {"explained_fraction": 1.0, "family": "sum", "kept_fraction": [1.0] * X.shape[1], "mixed_sign_subsets": 0,
          "l1_ratio": [1.0] * X.shape[1]}
     signs = np.sign(X * coef)
@@ -65,6 +70,7 @@ def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.n
     return {
         "name": name, "group": group_of(name), "numel": int(b.size), "nonfinite": nonfinite,
         "lambda": fit["lambda"].tolist(), "residual_fraction": fit["residual_fraction"],
+        "rounding_fraction": noise / fit["dd"] if fit["dd"] > 0 else 0.0,
         "gram": fit["gram"], "rhs": fit["rhs"], "dd": fit["dd"],
         "delta_norm": float(np.sqrt(fit["dd"])), "tau_norms": np.sqrt(np.diag(fit["gram"])).tolist(),
         "base_norm": float(np.linalg.norm(b)),
@@ -106,17 +112,18 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
         b = base.get(name).double().numpy().ravel()
         m = merged.get(al_m.pairs[name]).double().numpy().ravel()
         thetas = [_read(ft, al, name, b) for ft, al in zip(fts, al_fts)]
-        row = tensor_report(name, b, m, thetas)
+        eps = sig.MANTISSA_EPS.get(str(merged.dtype(al_m.pairs[name])).replace("torch.", ""), sig.EPS32)
+        row = tensor_report(name, b, m, thetas, eps=eps)
         if not all(row["coef_from_mode"]) and row["numel"] <= DEFER_NUMEL:
-            deferred.append((len(rows), name, b, m, thetas))  # small: redo with the other tensors' modes
+            deferred.append((len(rows), name, b, m, thetas, eps))  # small: redo with the other tensors' modes
         rows.append(row)
     if deferred:
         fallback = []
         for t in range(len(fts)):
             modes = [r["coef"][t] for r in rows if r["coef_from_mode"][t]]
             fallback.append(float(np.median(modes)) if modes else None)
-        for i, name, b, m, thetas in deferred:
-            rows[i] = tensor_report(name, b, m, thetas, fallback)
+        for i, name, b, m, thetas, eps in deferred:
+            rows[i] = tensor_report(name, b, m, thetas, fallback, eps)
     report = summarise(rows, [ft.source for ft in fts])
     report.update({
         "base": base.source, "merged": merged.source, "finetunes": [ft.source for ft in fts], "scope": scope,
@@ -159,9 +166,10 @@ def summarise(rows: list[dict], sources: list[str]) -> dict:
     big = [r for r in rows if r["numel"] >= MIN_SUBSET_NUMEL] or rows
     lam_med = np.median([r["lambda"] for r in big], axis=0) if rows else np.zeros(T)
     res_med = _global_residuals(big, lam_med)
-    dense = bool(rows) and sum(x < DENSE_TOL for x in res_med) >= 0.5 * len(big)
+    dense = bool(rows) and sum(x < DENSE_TOL + 4 * r["rounding_fraction"]
+                               for r, x in zip(big, res_med)) >= 0.5 * len(big)
     if dense:
-        inl = [r for r, x in zip(rows, _global_residuals(rows, lam_med)) if x < 1e-3]
+        inl = [r for r, x in zip(rows, _global_residuals(rows, lam_med)) if x < 1e-3 + 4 * r["rounding_fraction"]]
     else:
         inl = rows
     lam_g, res_g = _solve(inl, T) if rows else (np.zeros(T), 0.0)
@@ -285,7 +293,7 @@ def findings(rep: dict) -> list[dict]:
                 f"{rep['residual_fraction_global']:.3g}) nor by trimming/dropping of the task vectors "
                 f"(explained {rep['explained_fraction']:.3f} of entries) in: {_names(bad)}", bad)
     elif kind == "task_arithmetic":
-        add("ok", "task_arithmetic", f"θ_m = θ₀ + Σ λ_t τ_t to float32 round-off (residual fraction "
+        add("ok", "task_arithmetic", f"θ_m = θ₀ + Σ λ_t τ_t to the merged dtype's round-off (residual fraction "
             f"{rep['residual_fraction_global']:.2e}); λ = [{lam_txt}]"
             + (f" (sum {lam.sum():.6g}: a linear average)" if abs(lam.sum() - 1) < 1e-4 else ""))
     else:
@@ -324,7 +332,8 @@ def findings(rep: dict) -> list[dict]:
                 f"(λ = {lam[i]:.3g}, kept fraction {rep['kept_fraction'][i]:.3f}): it was left out or given weight 0")
     # tensors that do not fit
     if kind == "task_arithmetic":
-        score = {r["name"]: max(r["residual_fraction"], r["residual_fraction_global"]) for r in rows}
+        score = {r["name"]: max(r["residual_fraction"], r["residual_fraction_global"]) - 4 * r["rounding_fraction"]
+                 for r in rows}
         cut = max(1e-4, 100 * float(np.median(list(score.values()))))
     elif kind != "unexplained":
         score = {r["name"]: max(1 - r["explained_fraction"], r["residual_fraction_global"] if r["zero_fraction"] == 1

@@ -17,6 +17,14 @@ import itertools
 import numpy as np
 
 EPS32 = float(np.finfo(np.float32).eps)
+MANTISSA_EPS = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float64": 2.0 ** -52}
+
+
+def ulp(x: np.ndarray, eps: float) -> np.ndarray:
+    """Spacing of a float format with machine epsilon `eps` at |x| (0 at x = 0): the storage rounding scale."""
+    a = np.abs(x)
+    with np.errstate(divide="ignore"):
+        return np.where(a > 0, np.exp2(np.floor(np.log2(np.where(a > 0, a, 1.0)))) * eps, 0.0)
 
 
 def least_squares(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -33,9 +41,15 @@ def fit_stats(X: np.ndarray, d: np.ndarray) -> dict:
     return {"gram": gram, "rhs": rhs, "dd": dd, "lambda": lam, "residual_fraction": rr / dd if dd > 0 else 0.0}
 
 
-def trim_evidence(X: np.ndarray, d: np.ndarray) -> dict:
-    """Exact zeros of d where some τ_t ≠ 0, and per model the magnitude quantile of the largest zeroed |τ_t|."""
+def trim_evidence(X: np.ndarray, d: np.ndarray, visible: np.ndarray | None = None) -> dict:
+    """Exact zeros of d where some τ_t ≠ 0, and per model the magnitude quantile of the largest zeroed |τ_t|.
+
+    visible: entries where a task's change would survive the merged model's storage rounding (default
+    all); zeros elsewhere may be rounding, not trimming, and are not counted.
+    """
     moved = np.any(X != 0, axis=1)
+    if visible is not None:
+        moved &= visible
     zero = (d == 0) & moved
     m = int(zero.sum())
     out = {"zero_entries": m, "zero_fraction": m / max(int(moved.sum()), 1), "quantile": [], "p_random": []}
@@ -70,7 +84,7 @@ def ratio_mode(x: np.ndarray, d: np.ndarray, rel: float = 1e-3, min_count: int =
 
 
 def subset_fit(X: np.ndarray, d: np.ndarray, coef: np.ndarray, theta_m: np.ndarray, *, rel: float = 2e-5,
-               max_models: int = 10) -> dict:
+               eps: float = EPS32, max_models: int = 10) -> dict:
     """Explain each entry by a subset S of the models, with per-tensor coefficients c_t.
 
     Families: 'sum' d = Σ_{t∈S} c_t τ_t (task arithmetic, DARE, TIES without normalize); 'mean' the same
@@ -103,7 +117,8 @@ def subset_fit(X: np.ndarray, d: np.ndarray, coef: np.ndarray, theta_m: np.ndarr
         hi = np.where(sel, big, -np.inf).max(2)
         pos, neg = (sel & (big > 0)).any(2), (sel & (big < 0)).any(2)
         mixed_S = pos & neg
-        tol = (rel * np.abs(Xc).sum(1) + 4 * EPS32 * (np.abs(theta_m[s:s + chunk]) + np.abs(theta_m[s:s + chunk] - dc))
+        tol = (rel * np.abs(Xc).sum(1) + 4 * EPS32 * np.abs(theta_m[s:s + chunk] - dc)
+               + 2 * ulp(theta_m[s:s + chunk], max(eps, EPS32))
                + 1e-30)[:, None]
         err_sum, err_mean = np.abs(cand_sum - dc[:, None]), np.abs(cand_mean - dc[:, None])
         ok_sum, ok_mean = err_sum <= tol, err_mean <= tol
