@@ -5,7 +5,7 @@ the eNTK computed by taskvec.ntk."""
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call, grad
+from torch.func import grad
 
 from taskvec.arithmetic import interference, linearisation_error, predict_arithmetic
 from taskvec.models import load_model

@@ -7,7 +7,6 @@ radius R the rule is applied with σ_eff = σ/R (f*/R lies in the unit ball, noi
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 
