@@ -48,10 +48,11 @@ def test_theory_from_kernel_and_targets_estimates_sigma_and_radius(tmp_path):
     x = np.sort(rng.uniform(0, 1, 150))
     K = np.minimum(x[:, None], x[None, :])
     y = np.sin(2 * x) / 2 + 0.2 * rng.normal(size=x.size)
-    np.save(tmp_path / "K.npy", K)
+    (tmp_path / "ntk").mkdir()
+    np.save(tmp_path / "ntk" / "kernel.npy", K)  # the layout KernelResult.save writes
     np.save(tmp_path / "r.npy", y)
     out = tmp_path / "out"
-    assert main(["theory", "--kernel", str(tmp_path / "K.npy"), "--targets", str(tmp_path / "r.npy"),
+    assert main(["theory", "--ntk", str(tmp_path / "ntk"), "--targets", str(tmp_path / "r.npy"),
                  "--no-figures", "--bootstrap", "0", "--out", str(out)]) == 0
     res = json.loads((out / "theory.json").read_text())
     est = res["estimates"]
@@ -76,6 +77,8 @@ def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     assert main(["theory", "--eigenvalues", str(ev), "--lr", "0.1", "--out", str(out)]) == 2
     assert "--batch-size" in capsys.readouterr().err
     assert main(["theory", "--eigenvalues", str(ev), "--targets", str(ev), "--out", str(out)]) == 2
+    assert main(["theory", "--ntk", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "taskvec ntk" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
 
 

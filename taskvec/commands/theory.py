@@ -23,6 +23,7 @@ def add_parser(subparsers) -> None:
     src = p.add_argument_group("spectrum")
     src.add_argument("--eigenvalues", type=Path, help="eigenvalues of K/n (.npy; top-k allowed with --n)")
     src.add_argument("--kernel", type=Path, help="the eNTK K = J Jᵀ (.npy, n×n, unnormalised); its spectrum is used if --eigenvalues is absent")
+    src.add_argument("--ntk", type=Path, help="a folder saved by `taskvec ntk` (kernel.npy and/or eigenvalues.npy)")
     src.add_argument("--n", type=int, help="number of probe examples (default: number of eigenvalues)")
     src.add_argument("--window", type=int, nargs=2, metavar=("FIRST", "LAST"), help="1-based index window of the decay fits")
     src.add_argument("--tol", type=float, default=1e-6, help="noise cut: eigenvalues below tol·μ̂₁ are never fitted (default 1e-6)")
@@ -112,8 +113,15 @@ def run(args: argparse.Namespace) -> int:
     from ..theory.stopping import rkhs_radius, sigma_heldout, sigma_krr, sigma_spectral_tail
     from ..theory.summary import analyse_spectrum
 
+    if args.ntk is not None:
+        if not args.ntk.is_dir():
+            raise TaskvecError(f"--ntk {args.ntk} is not a folder; pass the folder written by `taskvec ntk`")
+        if args.kernel is None and (args.ntk / "kernel.npy").is_file():
+            args.kernel = args.ntk / "kernel.npy"
+        if args.eigenvalues is None and args.kernel is None and (args.ntk / "eigenvalues.npy").is_file():
+            args.eigenvalues = args.ntk / "eigenvalues.npy"
     if args.eigenvalues is None and args.kernel is None:
-        raise TaskvecError("pass --eigenvalues FILE.npy (eigenvalues of K/n) or --kernel FILE.npy")
+        raise TaskvecError("pass --eigenvalues FILE.npy (eigenvalues of K/n), --kernel FILE.npy or --ntk DIR")
     from ..theory._checks import eigh, square_kernel
 
     inputs = {}
@@ -128,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         inputs["eigenvalues"] = {"path": str(args.eigenvalues), "sha256": sha256_file(args.eigenvalues)}
         if mu.ndim != 1:
             raise TaskvecError(f"--eigenvalues {args.eigenvalues}: expected a 1-D array, got shape {mu.shape}")
+        if K is not None and mu.size > K.shape[0]:
+            raise TaskvecError(f"--eigenvalues has {mu.size} values but --kernel is {K.shape[0]}×{K.shape[0]}; "
+                               "they must describe the same probe set")
     else:
         mu = eig[0][::-1]
     sigma, sigma_src, estimates = args.sigma, "given" if args.sigma is not None else None, {}
