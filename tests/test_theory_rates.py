@@ -62,3 +62,17 @@ def test_kernel_gd_rates_on_known_function():
     # test MSE includes the noise floor σ² = 0.09: the early-stopped excess is what falls
     assert all(row["test_mse_at_T_hat"] < 0.09 + 12 * row["eps_hat_sq_target_units"] for row in out["rows"])
     assert out["nonparametric"]["exponent"] < -0.4
+
+
+def test_analyse_spectrum_reports_assumptions():
+    from taskvec.theory import analyse_spectrum
+
+    i = np.arange(1, 201.0)
+    slow = analyse_spectrum(i**-0.7, sigma=0.2, n_boot=0)
+    assert not slow["predicted_rate"]["within_assumption"] and slow["predicted_rate"]["exponent"] is None
+    assert slow["early_stopping"]["T_hat"] is not None and slow["decay_fits"]["preferred"] == "power"
+    ex = analyse_spectrum(np.exp(-0.2 * i), n_boot=0)
+    assert ex["decay_fits"]["preferred"] == "exponential" and ex["predicted_rate"]["formula"] == "(log n)/n"
+    assert "early_stopping" not in ex  # no σ, no stopping rule
+    with pytest.raises(TaskvecError, match="needs σ"):
+        analyse_spectrum(i**-2.0, training={"lr": 0.1, "batch_size": 4})
