@@ -194,9 +194,9 @@ class _Runner:
         self.N = probe.n * self.r
         self.examples_computed = 0
 
-    def rows(self, batch) -> torch.Tensor:
+    def rows(self, batch, out: torch.Tensor | None = None) -> torch.Tensor:
         self.examples_computed += batch["input_ids"].shape[0]
-        return jacobian_rows(self.output, self.space, self.base, batch, mode=self.mode, dtype=self.dtype)
+        return jacobian_rows(self.output, self.space, self.base, batch, mode=self.mode, dtype=self.dtype, out=out)
 
     def sorted_blocks(self, size: int, lo: int = 0, hi: int | None = None):
         """(row start in sorted order, batch) for examples [lo, hi) of the sorted order."""
@@ -222,9 +222,11 @@ class _Runner:
             K = torch.zeros(self.N, self.N, dtype=torch.float64)
             with self.bar(self.probe.n, "eNTK exact") as bar:
                 for r0, batch in self.sorted_blocks(p.block):
-                    R = self.rows(batch)
-                    r1 = r0 + R.shape[0]
-                    J[r0:r1] = R.to(J.dtype)
+                    r1 = r0 + batch["input_ids"].shape[0] * self.r
+                    direct = p.storage == "ram"
+                    R = self.rows(batch, out=J[r0:r1] if direct else None)
+                    if not direct:
+                        J[r0:r1] = R.to(J.dtype)
                     blk = gram(R, J[:r1])
                     K[r0:r1, :r1] = blk
                     K[:r1, r0:r1] = blk.T
@@ -246,9 +248,8 @@ class _Runner:
                 Jp = torch.empty((e - s) * self.r, self.P, dtype=self.dtype)
                 a0 = s * self.r
                 for r0, batch in self.sorted_blocks(p.block, s, e):
-                    R = self.rows(batch)
                     i0 = r0 - a0
-                    Jp[i0:i0 + R.shape[0]] = R
+                    R = self.rows(batch, out=Jp[i0:i0 + batch["input_ids"].shape[0] * self.r])
                     blk = gram(R, Jp[:i0 + R.shape[0]])
                     K[r0:r0 + R.shape[0], a0:r0 + R.shape[0]] = blk
                     K[a0:r0 + R.shape[0], r0:r0 + R.shape[0]] = blk.T
