@@ -133,14 +133,23 @@ def test_flags_task_left_out(coll, tmp_path):
 
 def test_flags_merge_built_on_another_base(coll, tmp_path):
     root, base, fts = coll
-    other = tiny_model("gpt2", seed=5)
+    other = perturbed(tiny_model("gpt2", seed=0), scale=5e-2, seed=99)  # "base v2": moved everywhere
     obase = save_hf(other, tmp_path / "obase")
-    ofts = [save_hf(perturbed(other, scale=1e-2, seed=s), tmp_path / f"oft{s}") for s in (21, 22, 23)]
+    ofts = [save_hf(perturbed(other, scale=1e-2, seed=s), tmp_path / f"oft{s}") for s in (41, 42, 43)]
     out = merge_checkpoints(obase, ofts, "task_arithmetic", MergeParams(), tmp_path / "m", progress=False)
     rep = check_merge(base, out, fts, progress=False)
     found = kinds(rep)
     assert rep["classification"] == "unexplained"
     assert found["other_base"]["level"] == "error" and "different base" in found["other_base"]["message"]
+
+
+def test_flags_fine_tune_missing_from_the_list(coll, tmp_path):
+    root, base, fts = coll
+    out = merge_checkpoints(base, fts, "ties", MergeParams(densities=(0.3,)), tmp_path / "m", progress=False)
+    rep = check_merge(base, out, fts[:2], progress=False)
+    found = kinds(rep)
+    assert "other_base" not in found
+    assert found["unexplained"]["level"] == "error" and "missing from the list" in found["unexplained"]["message"]
 
 
 def test_flags_nonfinite_missing_and_extra(coll, tmp_path):
