@@ -205,6 +205,15 @@ class Checkpoint:
             self._fingerprint = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         return self._fingerprint
 
+    def identity(self) -> str:
+        """Cheap identity of the files (names, sizes, modification times) — no content read; use
+        fingerprint() where a cache must notice an in-place edit that keeps size and mtime."""
+        parts = [self.format]
+        for p in sorted(self.files):
+            st = p.stat()
+            parts.append([p.name, st.st_size, st.st_mtime_ns])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
     @property
     def model_type(self) -> str | None:
         return (self.config or {}).get("model_type")

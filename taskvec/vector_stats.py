@@ -7,7 +7,8 @@ in float64.
 Per tensor, per layer group and globally, for each task:
   norm ‖τ‖₂; base norm ‖θ₀‖₂; relative norm ‖τ‖/‖θ₀‖;
   top-k% mass: fraction of ‖τ‖² held by the ⌈k%·numel⌉ (rounded, ≥ 1) largest |τ| entries;
-Per 2-D tensor and task: singular values (exact; float64 up to 4M entries, else float32) →
+Per 2-D tensor and task: singular values (float64; svdvals up to 1M entries, else eigenvalues of the
+  smaller float64 Gram matrix, so memory stays min(m,n)²) →
   effective rank exp(H(p)), p_i = σ_i/Σσ (Roy & Vetterli 2007), stable rank Σσ²/σ₁², top values.
 Across tasks (T×T):
   cosine ⟨τ_s,τ_t⟩/(‖τ_s‖‖τ_t‖) (global, per layer group, per tensor);
@@ -38,7 +39,7 @@ __all__ = ["CollectionStats", "collection_stats", "effective_rank"]
 
 SCHEMA = "taskvec.vectors/1"
 _CHUNK = 1 << 18  # columns per cross-task block: small enough to stay in cache-sized temporaries
-_SVD_F64_MAX = 4 << 20
+_SVD_EXACT_MAX = 1 << 20  # above this many entries, singular values come from the smaller Gram matrix
 
 
 def effective_rank(s: np.ndarray) -> float:
@@ -142,12 +143,17 @@ class CollectionStats:
 
 
 class _Buffers:
-    """T+1 flat buffers of the largest in-scope tensor: base (reused as |τ| scratch) and one per task."""
+    """T+1 flat buffers of the largest in-scope tensor (base, reused as |τ| scratch; one per task) and
+    small float64 column blocks for the cross-task sums."""
 
     def __init__(self, numel: int, T: int, dtype: torch.dtype):
         self.base = torch.empty(numel, dtype=dtype)
         self.tau = [torch.empty(numel, dtype=dtype) for _ in range(T)]
-        self.block = torch.empty((T, _CHUNK), dtype=torch.float64)
+        self.x = torch.empty((T, _CHUNK), dtype=torch.float64)    # τ block
+        self.a = torch.empty((T, _CHUNK), dtype=torch.float64)    # sign / mask block
+        self.code = torch.empty(_CHUNK, dtype=torch.float64)       # per-entry pattern codes
+        self.icode = torch.empty(_CHUNK, dtype=torch.int64)
+        self.b = torch.empty(_CHUNK, dtype=torch.float64)          # base block
 
 
 def _resolve_inputs(base, fts, names, scope, allow_network):
@@ -170,11 +176,28 @@ def _resolve_inputs(base, fts, names, scope, allow_network):
 
 def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0, 10.0), spectra_max_dim: int = 1024,
                      n_singular: int = 8, dtype: torch.dtype = torch.float32, progress: bool = True,
-                     allow_network: bool = False) -> CollectionStats:
+                     allow_network: bool = False, threads: int | None = 1, basic: bool = False) -> CollectionStats:
     """Stream over base and fine-tunes tensor by tensor and compute the statistics in this module's docstring.
 
     spectra_max_dim: singular values only for 2-D tensors with min(shape) ≤ this (0 = none; SVD is the
-    one super-linear cost here)."""
+    one super-linear cost here). threads: torch threads while streaming (default 1: the work is
+    memory-bound block arithmetic, and multi-threaded small kernels stall badly on a busy machine;
+    None keeps torch's setting). basic: only norms, relative norms and cosines (one Gram pass; no
+    top-k, sign, mask or spectral statistics — those fields are null)."""
+    if basic:
+        top_k_percent, spectra_max_dim = (), 0
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n_singular, dtype,
+                                 progress, allow_network, not basic)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n_singular, dtype, progress,
+                      allow_network, signs) -> CollectionStats:
     t0 = time.perf_counter()
     if dtype not in (torch.float32, torch.float64):
         raise TaskvecError(f"dtype must be float32 or float64, not {dtype}")
@@ -214,8 +237,10 @@ def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0,
         shape = tuple(base.shape(n))
         numel = math.prod(shape)
         b = base.read_into(n, buf.base).reshape(-1)
-        check_finite(base, n, b)
         bar.update(base.nbytes(n))
+        acc.base_sq = _sum_sq(b, buf.b)
+        if not math.isfinite(acc.base_sq):
+            check_finite(base, n, b)
         taus = []
         for t, (al, _, _) in enumerate(aligned):
             ft, dst = fts[t], buf.tau[t]
@@ -225,22 +250,26 @@ def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0,
             on = al.pairs[n]
             x = ft.read_into(on, dst).reshape(-1)
             bar.update(ft.nbytes(on))
-            check_finite(ft, on, x)
             if ft.is_delta:
                 taus.append(x)
                 continue
             if n in al.added_rows:
                 extra = x[numel:]
+                added_sq = _sum_sq(extra, buf.b)
+                if not math.isfinite(added_sq):
+                    check_finite(ft, on, extra)
                 added[names[t]][n] = {"base_rows": al.added_rows[n][0], "ft_rows": al.added_rows[n][1],
-                                      "added_norm": float(torch.linalg.vector_norm(extra, dtype=torch.float64))}
+                                      "added_norm": math.sqrt(added_sq)}
                 x = x[:numel]
             taus.append(x.sub_(b))
-        _block_stats(acc, b, taus, buf)
         acc.numel = numel
-        # per-task top-k% thresholds (buf.base is free now: reuse it for |τ|)
-        thresholds = _top_k(acc, taus, buf.base, ks)
-        if ks:
-            _mask_overlap(acc, taus, thresholds, buf)
+        # per-task top-k% thresholds and masses (θ₀ is no longer needed: its buffer holds |τ|)
+        thresholds = _top_k(acc, taus, buf.base, ks, buf.b)
+        _cross_stats(acc, taus, thresholds, buf, signs)
+        for t in range(T):
+            if not math.isfinite(acc.gram[t, t]):  # θ₀ is finite, so θ_t holds the NaN/Inf
+                on = aligned[t][0].pairs[n]
+                check_finite(fts[t], on, fts[t].get(on))
         spec = {}
         if len(shape) == 2 and 0 < min(shape) <= spectra_max_dim:
             for t, tau in enumerate(taus):
@@ -267,13 +296,15 @@ def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0,
 
     layers = {g: groups[g].summary(names) for g in sorted(groups, key=_gorder)}
     glob = total.summary(names)
-    inputs = {"base": {"source": base.source, "format": base.format, "fingerprint": base.fingerprint()},
+    # identity = hash of file names, sizes and mtimes: a content hash would cost one more full read
+    inputs = {"base": {"source": base.source, "format": base.format, "identity": base.identity()},
               "tasks": {names[t]: {"source": f.source, "format": f.format, "is_delta": f.is_delta,
-                                   "fingerprint": f.fingerprint()} for t, f in enumerate(fts)}}
+                                   "identity": f.identity()} for t, f in enumerate(fts)}}
     data = {
         "schema": SCHEMA,
         "tasks": names,
         "config": {"scope": scope if isinstance(scope, str) else "list", "dtype": str(dtype).replace("torch.", ""),
+                   "statistics": "full" if signs else "basic",
                    "top_k_percent": list(ks), "spectra_max_dim": spectra_max_dim, "n_singular": n_singular},
         "inputs": inputs,
         "scope": {"n_tensors": len(work), "n_params": int(total.numel), "out_of_scope": out_of_scope,
@@ -293,70 +324,151 @@ def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0,
     return CollectionStats(data, spectra)
 
 
-def _block_stats(acc: _Acc, b: torch.Tensor, taus: list[torch.Tensor], buf: _Buffers) -> None:
-    """Base norm, Gram of τ's and sign agreement, in float64 over column blocks of the T×numel stack."""
-    T, numel = len(taus), b.numel()
-    blk = buf.block
-    base_sq = 0.0
-    for s in range(0, numel, _CHUNK):
-        e = min(numel, s + _CHUNK)
-        c = e - s
-        x = blk[0, :c]
-        x.copy_(b[s:e])
-        base_sq += float(torch.dot(x, x))
-        X = blk[:, :c]
-        for t in range(T):
-            X[t].copy_(taus[t][s:e])
-        acc.gram += (X @ X.T).numpy()
-        S = torch.sign(X)
-        A = S.abs()
-        agree = (S @ S.T).numpy()       # Σ s_s s_t = (#same sign) − (#opposite)
-        nz = (A @ A.T).numpy()          # #both non-zero
-        acc.both_nz += np.rint(nz).astype(np.int64)
-        acc.conflict += np.rint((nz - agree) / 2).astype(np.int64)
-        if T >= 2:
-            cnt = A.sum(0)
-            multi = cnt >= 2
-            acc.multi_nz += int(multi.sum())
-            acc.any_conflict += int((multi & (S.amax(0) > 0) & (S.amin(0) < 0)).sum())
-    acc.base_sq = base_sq
+def _sum_sq(x: torch.Tensor, blk: torch.Tensor) -> float:
+    """Σ x² in float64, block by block (NaN/Inf propagate, so this doubles as the finiteness check)."""
+    total = 0.0
+    for s in range(0, x.numel(), _CHUNK):
+        e = min(x.numel(), s + _CHUNK)
+        y = blk[: e - s]
+        y.copy_(x[s:e])
+        total += float(torch.dot(y, y))
+    return total
 
 
-def _top_k(acc: _Acc, taus: list[torch.Tensor], scratch: torch.Tensor, ks: tuple) -> np.ndarray:
-    """Per task: k-th largest |τ| for each k (in-place partition on the scratch buffer) and the top mass."""
+def _top_k(acc: _Acc, taus: list[torch.Tensor], scratch: torch.Tensor, ks: tuple, blk: torch.Tensor) -> np.ndarray:
+    """Per task: the m-th largest |τ| for each k and the squared mass of the m largest entries."""
     thr = np.zeros((len(ks), len(taus)))
     if not ks:
         return thr
     numel = taus[0].numel()
+    ms = [n_top(numel, k) for k in ks]
     for t, tau in enumerate(taus):
         a = torch.abs(tau, out=scratch[:numel]).numpy()
-        pos = sorted({numel - n_top(numel, k) for k in ks})
-        a.partition(pos)
-        for i, k in enumerate(ks):
-            p = numel - n_top(numel, k)
-            thr[i, t] = a[p]
-            top = torch.from_numpy(a[p:])
-            acc.top_sq[i, t] = float(torch.dot(top.double(), top.double())) if top.numel() <= _CHUNK else \
-                sum(float(torch.dot(c.double(), c.double())) for c in top.split(_CHUNK))
+        for i, (th, top) in enumerate(_top_values(a, ms)):
+            thr[i, t] = th
+            acc.top_sq[i, t] = _sum_sq(torch.from_numpy(top), blk)
     return thr
 
 
-def _mask_overlap(acc: _Acc, taus: list[torch.Tensor], thr: np.ndarray, buf: _Buffers) -> None:
-    numel = taus[0].numel()
-    blk = buf.block
+_SAMPLE = 1 << 16
+
+
+def _top_values(a: np.ndarray, ms: list[int]):
+    """For each m: (m-th largest value of `a`, the m largest values). Exact.
+
+    Fast path: a strided sample brackets the smallest threshold from below; only the entries above
+    that bracket (≈ max(m)/n of the array plus a margin) are selected and partitioned. Falls back to
+    an in-place partition of the whole array when the bracket misses (never changes the result)."""
+    n = a.size
+    m_max = max(ms)
+    if n > 8 * _SAMPLE and m_max < 0.5 * n:
+        stride = n // _SAMPLE
+        sample = np.array(a[::stride], dtype=a.dtype)
+        S = sample.size
+        # sample index whose value is (with ~6σ confidence) below the true m_max-th largest
+        f = m_max / n
+        j = int(S * (1 - f) - 6 * math.sqrt(S * f * (1 - f)) - 8)
+        if j > 0:
+            lo = np.partition(sample, j)[j]
+            sel = _select_ge(a, lo)
+            if sel.size >= m_max:
+                k = sel.size
+                sel.partition(sorted({k - m for m in ms}))
+                return [(sel[k - m], sel[k - m:]) for m in ms]
+    a.partition(sorted({n - m for m in ms}))
+    return [(a[n - m], a[n - m:]) for m in ms]
+
+
+def _select_ge(a: np.ndarray, lo) -> np.ndarray:
+    """a[a >= lo] without a full-size boolean temporary: count per block, then fill."""
+    blocks = [(s, min(a.size, s + _CHUNK)) for s in range(0, a.size, _CHUNK)]
+    counts = [int(np.count_nonzero(a[s:e] >= lo)) for s, e in blocks]
+    out = np.empty(sum(counts), dtype=a.dtype)
+    pos = 0
+    for (s, e), c in zip(blocks, counts):
+        if c:
+            out[pos:pos + c] = a[s:e][a[s:e] >= lo]
+            pos += c
+    return out
+
+
+def _cross_stats(acc: _Acc, taus: list[torch.Tensor], thr: np.ndarray, buf: _Buffers, signs: bool = True) -> None:
+    """Gram matrix, sign agreement and top-k mask intersections over column blocks of the T τ's.
+
+    Dots in float64. Sign and mask statistics come from a histogram of per-entry membership codes
+    (base-3 digit t = sign(τ_t) + 1; bit t of the mask code = |τ_t| in its top-k%), so all pairwise
+    counts cost a few passes for all pairs together; counts are exact integers."""
+    T, numel = len(taus), taus[0].numel()
+    pairs = [(i, j) for i in range(T) for j in range(i, T)]
+    n_sign = 3 ** T
+    sign_hist = torch.zeros(n_sign, dtype=torch.int64)
+    mask_hist = torch.zeros((len(thr), 1 << T), dtype=torch.int64)
+    w3 = torch.tensor([3.0 ** t for t in range(T)], dtype=torch.float64)
+    w2 = torch.tensor([2.0 ** t for t in range(T)], dtype=torch.float64)
+    thr_pos = torch.from_numpy(np.maximum(thr, np.finfo(np.float64).tiny))  # |τ| ≥ thr and τ ≠ 0
     for s in range(0, numel, _CHUNK):
         e = min(numel, s + _CHUNK)
         c = e - s
-        X = blk[:, :c]
-        for t in range(len(taus)):
-            X[t].copy_(taus[t][s:e]).abs_()
-        for i in range(len(thr)):
-            th = torch.from_numpy(thr[i]).to(torch.float64)[:, None]
-            M = ((X >= th) & (X > 0)).to(torch.float64)
-            acc.inter[i] += np.rint((M @ M.T).numpy()).astype(np.int64)
+        X, A, code, icode = buf.x[:, :c], buf.a[:, :c], buf.code[:c], buf.icode[:c]
+        for t in range(T):
+            X[t].copy_(taus[t][s:e])
+        for i, j in pairs:
+            acc.gram[i, j] += float(torch.dot(X[i], X[j]))
+        if signs:
+            torch.sign(X, out=A).add_(1.0)
+            torch.mv(A.T, w3, out=code)
+            icode.copy_(code)
+            sign_hist += torch.bincount(icode, minlength=n_sign)
+        if len(thr):
+            torch.abs(X, out=X)
+            for i in range(len(thr)):
+                torch.ge(X, thr_pos[i][:, None], out=A)
+                torch.mv(A.T, w2, out=code)
+                icode.copy_(code)
+                mask_hist[i] += torch.bincount(icode, minlength=1 << T)
+    _counts_from_histograms(acc, T, sign_hist.numpy(), mask_hist.numpy())
+    for i, j in pairs:
+        acc.gram[j, i] = acc.gram[i, j]
 
 
-def _singular_values(m: torch.Tensor) -> np.ndarray:
-    """All singular values, descending (float64 up to 4M entries, float32 above to bound memory)."""
-    x = m.double() if m.numel() <= _SVD_F64_MAX else m
-    return torch.linalg.svdvals(x).double().numpy()
+def _counts_from_histograms(acc: _Acc, T: int, sign_hist: np.ndarray, mask_hist: np.ndarray) -> None:
+    """Pairwise counts from the pattern histograms (sign code: base-3 digits 0 = −, 1 = 0, 2 = +)."""
+    codes = np.arange(sign_hist.size)
+    digits = np.stack([(codes // 3 ** t) % 3 for t in range(T)])  # T × 3^T
+    pos, neg = digits == 2, digits == 0
+    nz = pos | neg
+    for i in range(T):
+        for j in range(T):
+            acc.both_nz[i, j] += int(sign_hist[nz[i] & nz[j]].sum())
+            acc.conflict[i, j] += int(sign_hist[(pos[i] & neg[j]) | (neg[i] & pos[j])].sum())
+    acc.multi_nz += int(sign_hist[nz.sum(0) >= 2].sum())
+    acc.any_conflict += int(sign_hist[pos.any(0) & neg.any(0)].sum())
+    mcodes = np.arange(mask_hist.shape[1]) if len(mask_hist) else np.zeros(0, dtype=int)
+    bits = [(mcodes >> t) & 1 == 1 for t in range(T)]
+    for k in range(len(mask_hist)):
+        for i in range(T):
+            for j in range(T):
+                acc.inter[k, i, j] += int(mask_hist[k][bits[i] & bits[j]].sum())
+
+
+def _singular_values(m: torch.Tensor, exact_max_numel: int | None = None) -> np.ndarray:
+    """All singular values, descending, in float64.
+
+    Up to `exact_max_numel` entries: svdvals of a float64 copy. Larger: eigenvalues of the float64 Gram
+    matrix of the smaller side, accumulated over column blocks — memory min(m,n)² instead of a copy of
+    the tensor; σ_i is then accurate to ≈ 1e-16·σ₁²/σ_i (noise below ~1e-8·σ₁)."""
+    limit = _SVD_EXACT_MAX if exact_max_numel is None else exact_max_numel
+    if m.numel() <= limit:
+        return torch.linalg.svdvals(m.double()).numpy()
+    a = m if m.shape[0] <= m.shape[1] else m.T  # a: small × large
+    k, n = a.shape
+    g = torch.zeros((k, k), dtype=torch.float64)
+    step = max(1, _CHUNK // k)
+    blk = torch.empty((k, step), dtype=torch.float64)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        x = blk[:, : e - s]
+        x.copy_(a[:, s:e])
+        g.addmm_(x, x.T)
+    ev = torch.linalg.eigvalsh(g).numpy()[::-1].clip(min=0)
+    return np.sqrt(ev)

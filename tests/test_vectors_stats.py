@@ -142,6 +142,10 @@ def test_collection_stats_match_full_load(gpt2_coll, dtype):
                 assert got["stable_rank"] == pytest.approx((s_ref ** 2).sum() / s_ref[0] ** 2 if s_ref[0] > 0 else 0.0,
                                                           rel=1e-6)
                 np.testing.assert_allclose(got["top_singular_values"], s_ref[:8], rtol=1e-6, atol=1e-6 * s_ref[0])
+    basic = collection_stats(c["base"], fts, names, scope="body", progress=False, dtype=dtype, basic=True).to_dict()
+    assert basic["config"]["statistics"] == "basic" and basic["mask_overlap"] == {}
+    np.testing.assert_allclose(np.array(basic["cosine"]), np.array(data["cosine"]), rtol=1e-12)
+    assert [basic["global"][n]["norm"] for n in names] == [data["global"][n]["norm"] for n in names]
     # LoRA ΔW has rank ≤ r: its effective rank says so
     lora_ranks = [data["tensors"][n]["tasks"]["lora"]["effective_rank"] for n in in_scope
                   if n.endswith("c_attn.weight")]
@@ -234,3 +238,38 @@ def test_cli_bad_input_clear_error_nothing_written(bad, case, tmp_path, capsys):
     assert re.search(msg, err), err
     assert str(ft) in err or str(ft / "model.safetensors") in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_gram_singular_values_match_svd():
+    from taskvec.vector_stats import _singular_values
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(120, 900), (900, 120)]:
+        m = torch.randn(shape, generator=g)
+        m[:, :5] *= 50  # a few dominant directions
+        ref = np.linalg.svd(m.double().numpy(), compute_uv=False)
+        got = _singular_values(m, exact_max_numel=0)
+        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * ref[0])
+        assert effective_rank(got) == pytest.approx(effective_rank(ref), rel=1e-9)
+    low = torch.randn(200, 3, generator=g) @ torch.randn(3, 500, generator=g)  # rank 3
+    got = _singular_values(low, exact_max_numel=0)
+    ref = np.linalg.svd(low.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(got[:3], ref[:3], rtol=1e-9)
+    assert got[3] < 1e-6 * got[0]
+
+
+def test_top_values_exact_on_both_paths():
+    from taskvec.vector_stats import _top_values
+
+    g = np.random.default_rng(0)
+    for a in [g.standard_normal(700_000).astype(np.float32),            # sampled fast path
+              np.repeat(g.standard_normal(1000), 700).astype(np.float32),  # heavy ties
+              np.zeros(600_000, dtype=np.float32),                        # all zero: fallback
+              g.standard_normal(5000).astype(np.float32)]:                # small: full partition
+        a = np.abs(a)
+        ms = [n_top(a.size, 1.0), n_top(a.size, 10.0)]
+        ref = np.sort(a)[::-1]
+        for (thr, top), m in zip(_top_values(a.copy(), ms), ms):
+            assert thr == ref[m - 1]
+            assert top.size == m and np.sum(top.astype(np.float64) ** 2) == pytest.approx(
+                np.sum(ref[:m].astype(np.float64) ** 2), rel=1e-12)

@@ -24,6 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--spectra-max-dim", type=int, default=1024,
                    help="singular values of 2-D tensors whose smaller side is ≤ this (0: none; default 1024)")
     p.add_argument("--n-singular", type=int, default=8, help="top singular values stored per tensor (default 8)")
+    p.add_argument("--basic", action="store_true",
+                   help="norms, relative norms and cosines only (one pass; no top-k, sign, mask or spectral statistics)")
     p.add_argument("--float64", action="store_true", help="compute τ in float64 (default float32)")
     p.add_argument("--no-figures", action="store_true", help="write vectors.json only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
@@ -48,7 +50,7 @@ def run(args) -> int:
     stats = collection_stats(args.base, args.fts, names, scope=args.scope, top_k_percent=ks,
                              spectra_max_dim=args.spectra_max_dim, n_singular=args.n_singular,
                              dtype=torch.float64 if args.float64 else torch.float32, progress=not args.no_progress,
-                             allow_network=args.allow_network)
+                             allow_network=args.allow_network, basic=args.basic)
     data = stats.to_dict()
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         atomic_write_json(tmp / "vectors.json", data)
@@ -70,7 +72,7 @@ def _print_summary(data: dict, out) -> None:
     print(f"scope {data['config']['scope']}: {sc['n_tensors']} tensors, {sc['n_params']:,} parameters "
           f"({len(sc['out_of_scope'])} tensors out of scope, {len(sc['skipped'])} skipped)")
     w = max(8, *(len(n) for n in names))
-    print(f"{'task':<{w}}  {'‖τ‖':>10}  {'‖τ‖/‖θ₀‖':>10}  " + "  ".join(f"top{k}%" for k in data["config"]["top_k_percent"]))
+    print(f"{'task':<{w}}  {'‖τ‖':>10}  {'‖τ‖/‖θ₀‖':>10}  " + "  ".join(f"top{k:g}%" for k in data["config"]["top_k_percent"]))
     for n in names:
         g = data["global"][n]
         tops = "  ".join(f"{v:>6.3f}" for v in g["top_mass"].values())
