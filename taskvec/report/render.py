@@ -1,0 +1,130 @@
+"""Turn results.json into the report folder's figures, index.html and headline tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..html import table, write_index
+from .figures import FIGURES, render_figures
+
+
+def _rel(pred, meas):
+    if pred is None or meas is None or meas == 0:
+        return None
+    return (pred - meas) / abs(meas)
+
+
+def headline_rows(results: dict) -> list[dict]:
+    """Per task: each prediction beside its measurement."""
+    rows = []
+    th = results.get("theory") or {}
+    proj = results.get("projection") or {}
+    for t in results.get("tasks", []):
+        r = th.get(t, {})
+        p = proj.get(t, {})
+        tv, ctrl = p.get("task_vector", {}), p.get("control", {})
+        rows.append({
+            "task": t,
+            "θ₀ test MSE": r.get("pretrained", {}).get("test"),
+            "fine-tune test MSE": r.get("finetune", {}).get("best_epoch_test_mse"),
+            "kernel GD @T̂ test MSE": r.get("kernel_gd", {}).get("test_mse_at_T_hat"),
+            "kernel ridge test MSE": r.get("kernel_ridge", {}).get("test_mse_gcv"),
+            "T̂ → epochs (pred.)": r.get("predicted_epochs"),
+            "best epoch (meas.)": r.get("measured_best_epoch"),
+            "decay β": ((r.get("spectrum_fit") or {}).get("power") or {}).get("rate"),
+            "top-10 energy τ": _top(tv, 10),
+            "top-10 energy control": _top(ctrl, 10),
+        })
+    return rows
+
+
+def _top(proj: dict, k: int):
+    cum = proj.get("cumulative_energy")
+    if not cum:
+        return None
+    return cum[min(k, len(cum)) - 1]
+
+
+def rate_rows(results: dict) -> list[dict]:
+    r = results.get("rates")
+    if not r:
+        return []
+    fit = r.get("predicted_from_fit") or {}
+    return [{"error ∝ n^slope": r["task"],
+             "measured (fine-tunes)": r["measured"]["slope"],
+             "kernel GD on eNTK": r["kernel_gd"]["slope"],
+             "predicted: ε̂_n² of nested spectra": r["nonparametric"]["slope"],
+             "predicted: −β/(β+1) from fit": fit.get("exponent"),
+             "fit note": fit.get("note", fit.get("formula"))}]
+
+
+def arithmetic_rows(results: dict) -> list[dict]:
+    ar = results.get("arithmetic")
+    if not ar:
+        return []
+    rows = []
+    for r in ar["addition"]:
+        for t in r["tasks"]:
+            x = r["test"][t]
+            rows.append({"merge": "+".join(r["tasks"]), "task": t, "α (chosen on val.)": r["alpha_measured"],
+                         "α (linearised choice)": r["alpha_predicted"], "test MSE measured": x["measured"],
+                         "test MSE predicted": x["predicted"], "rel. error": _rel(x["predicted"], x["measured"]),
+                         "single-task fine-tune": x["single_task_finetune"]})
+    return rows
+
+
+def summary_rows(results: dict) -> list[dict]:
+    ar = results.get("arithmetic") or {}
+    rows = []
+    if ar:
+        rows.append({"statistic": "Spearman ρ, interference ΔMSE predicted vs measured",
+                     "value": (ar["interference"].get("spearman_delta") or {}).get("rho")})
+        rows.append({"statistic": "Spearman ρ, disentanglement ξ(α) predicted vs measured",
+                     "value": (ar.get("disentanglement_spearman") or {}).get("rho")})
+    for t, v in (results.get("linearisation") or {}).items():
+        for row in v["rows"]:
+            if row["alpha"] == 1.0:
+                rows.append({"statistic": f"linearisation error at α = 1 ({t})", "value": row["relative_error"]})
+    return rows
+
+
+SECTIONS = [
+    ("Task vectors", "What each fine-tune changed.", ["cosine"], None),
+    ("eNTK spectrum and projections", "Where the task vectors live relative to the pretrained model's eNTK.",
+     ["spectra", "energy"], headline_rows),
+    ("Early stopping and kernel predictors", "How many epochs the theory says suffice, next to the best epoch "
+     "measured on validation; and the linearised fine-tune's test error next to the real one's.",
+     ["stopping", "predictors", "linearisation"], None),
+    ("Rates in n", "Slope of test error against sample size: measured, kernel GD, and predicted.", ["rates"], rate_rows),
+    ("Task arithmetic", "Addition, negation, interference and disentanglement: merged models measured, "
+     "linearised model predicted.", ["addition", "interference", "disentanglement"], arithmetic_rows),
+    ("Agreement statistics", "", [], summary_rows),
+]
+
+
+def render_report(results: dict, out_dir, formats=("png", "pdf"), style: str = "paper") -> list[dict]:
+    out_dir = Path(out_dir)
+    figs = {f["name"]: f for f in render_figures(results, out_dir, formats, style)}
+    sections = []
+    for title, text, names, rows_fn in SECTIONS:
+        rows = rows_fn(results) if rows_fn else []
+        sections.append({"title": title, "text": text, "tables": [table(rows)] if rows else [],
+                         "figures": [figs[n] for n in names if n in figs]})
+    write_index(out_dir, results, sections)
+    return list(figs.values())
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """GitHub markdown for README tables (regenerated by scripts/readme_tables.py)."""
+    from ..html import _fmt
+
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "/") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["render_report", "headline_rows", "rate_rows", "arithmetic_rows", "summary_rows", "markdown_table", "FIGURES"]
