@@ -175,12 +175,14 @@ class OutputFunction:
     of ``model.named_parameters()`` tensors (the rest come from the model)."""
 
     def __init__(self, kind: str, model: nn.Module, tokenizer, *, head: LinearHead | None = None,
-                 label_words: Sequence[str] | None = None, max_length: int | None = None):
+                 label_words: Sequence[str] | None = None, max_length: int | None = None,
+                 truncate_text: bool = False):
         from .models import context_length
 
         if kind not in OUTPUT_KINDS:
             raise TaskvecError(f"unknown output kind {kind!r}; choose one of {OUTPUT_KINDS}")
         self.kind, self.model, self.tokenizer, self.head = kind, model, tokenizer, head
+        self.truncate_text = bool(truncate_text)  # right-truncate texts to max_length (as fine-tuning did)
         self.causal = _is_causal(model)
         ctx = context_length(model)
         self.max_length = min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
@@ -276,7 +278,8 @@ class OutputFunction:
         text = ex.get("text", ex.get("prompt"))
         if text is None:
             raise TaskvecError(f"example {i}: needs a 'text' field, got {sorted(ex)}")
-        ids = self.tokenizer(str(text), add_special_tokens=True)["input_ids"]
+        cut = {"truncation": True, "max_length": self.max_length} if self.truncate_text and self.max_length else {}
+        ids = self.tokenizer(str(text), add_special_tokens=True, **cut)["input_ids"]
         if not ids:
             raise TaskvecError(f"example {i}: text tokenises to nothing")
         return ids, 0, len(ids), self._label(i, ex)
@@ -343,9 +346,14 @@ class OutputFunction:
 
 
 def make_output(kind: str, model: nn.Module, tokenizer, *, head: LinearHead | None = None,
-                label_words: Sequence[str] | None = None, max_length: int | None = None) -> OutputFunction:
-    """Build the output function f(x; θ) of `kind` for `model` (see module docstring)."""
-    return OutputFunction(kind, model, tokenizer, head=head, label_words=label_words, max_length=max_length)
+                label_words: Sequence[str] | None = None, max_length: int | None = None,
+                truncate_text: bool = False) -> OutputFunction:
+    """Build the output function f(x; θ) of `kind` for `model` (see module docstring).
+
+    truncate_text: right-truncate text inputs to max_length (the tokenizer keeps its closing special
+    token) instead of refusing them — what fine-tuning does, so the kernel is of the trained f."""
+    return OutputFunction(kind, model, tokenizer, head=head, label_words=label_words, max_length=max_length,
+                          truncate_text=truncate_text)
 
 
 def _is_causal(model: nn.Module) -> bool:
