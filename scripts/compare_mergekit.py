@@ -108,7 +108,9 @@ def build_collection(kind: str, work: Path) -> tuple[Path, list[Path]]:
 
 
 def yaml_text(method, weights, top, base, fts) -> str:
-    lines = [f"merge_method: {method}", f"base_model: {base}", "dtype: float32", "out_dtype: float32", "models:"]
+    lines = [f"merge_method: {method}", "dtype: float32", "out_dtype: float32", "models:"]
+    if method != "linear":  # mergekit's linear would average base_model in too (and demand a weight for it)
+        lines.insert(1, f"base_model: {base}")
     for w, f in zip(weights, fts):
         lines += [f"  - model: {f}", "    parameters:", f"      weight: {w}"]
     if top:
@@ -121,7 +123,8 @@ def timed(cmd: list[str], env=None) -> dict:
     r = subprocess.run(["/usr/bin/time", "-f", "__TIME__ %e %M", *cmd], capture_output=True, text=True, env=env)
     tail = [ln for ln in r.stderr.splitlines() if ln.startswith("__TIME__")]
     if r.returncode or not tail:
-        raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+        msg = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith(("__TIME__", "Command"))]
+        raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}): {msg[-1] if msg else ''}")
     _, wall, kb = tail[-1].split()
     return {"wall_s": float(wall), "peak_rss_mib": int(kb) / 1024}
 
@@ -199,7 +202,7 @@ def main() -> int:
             mk = timed([str(py), "-m", "mergekit.scripts.run_yaml", str(cfg), str(mk_out), "--quiet",
                         "--random-seed", "0"], env)
         except RuntimeError as exc:
-            row["mergekit_error"] = str(exc).strip().splitlines()[-1]
+            row["mergekit_error"] = str(exc)
             results["merges"][key] = row
             print(f"{key:<26} mergekit failed: {row['mergekit_error'][:90]}  (taskvec {tv['wall_s']:.2f} s / "
                   f"{tv['peak_rss_mib']:.0f} MiB)")

@@ -79,6 +79,13 @@ def test_mergekit_yaml_defaults_and_unsupported(tmp_path):
     assert spec.method == "ties" and spec.models == ["x", "y"] and spec.base == "b"
     assert spec.params.weights == (0.5, 0.5) and spec.params.densities == (0.7, 0.3)
     assert spec.params.normalize is False and spec.out_dtype == "bfloat16"
+    cfg.write_text("merge_method: linear\nmodels: [{model: x, parameters: {weight: 1}}, {model: y, parameters: "
+                   "{weight: 3}}]\n")
+    spec = read_mergekit_config(cfg)
+    assert spec.base == "x" and spec.models == ["x", "y"] and spec.params.weights == (1.0, 3.0)
+    cfg.write_text("merge_method: linear\nbase_model: b\nmodels: [{model: x}]\nparameters: {weight: 2}\n")
+    spec = read_mergekit_config(cfg)
+    assert spec.models == ["x", "b"] and spec.params.weights == (2.0, 2.0) and spec.base == "b"
     bad = {
         "slices:\n  - sources: []\nmerge_method: ties\n": "slices",
         "merge_method: slerp\nbase_model: b\nmodels: [{model: x}]\n": "slerp",
@@ -88,6 +95,7 @@ def test_mergekit_yaml_defaults_and_unsupported(tmp_path):
         "merge_method: ties\nbase_model: b\nmodels:\n  - model: x+lora\n    parameters: {weight: 1}\n": "lora",
         "merge_method: ties\nbase_model: b\nmodels: [{model: x, parameters: {weight: 1}}]\n"
         "parameters: {epsilon: 0.1}\n": "epsilon",
+        "merge_method: linear\nbase_model: b\nmodels: [{model: x, parameters: {weight: 1}}]\n": "averages base_model",
     }
     for text, msg in bad.items():
         cfg.write_text(text)

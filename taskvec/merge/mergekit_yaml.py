@@ -108,6 +108,14 @@ def read_mergekit_config(path: str | Path) -> MergeSpec:
         dens = p.get("density", top.get("density", 1.0))
         densities.append(_number(dens, f"{path}: models[{i}].parameters.density"))
         models.append(ref)
+    if method == "linear" and base is not None and all(Path(m).resolve() != Path(base).resolve() for m in models):
+        if "weight" not in top:  # mergekit's linear averages base_model in as one more model
+            raise TaskvecError(f"{path}: mergekit's linear merge averages base_model in too and needs a weight for "
+                               "it; list it under models with a weight, or remove base_model")
+        models.append(base)
+        weights.append(_number(top["weight"], f"{path}: parameters.weight"))
+        densities.append(1.0)
+        notes.append("linear: base_model is averaged in with the top-level weight, as mergekit does")
     if base is None:
         base = models[0]
         notes.append("no base_model: the first model supplies config and tokenizer (linear merge)")
