@@ -82,15 +82,19 @@ def stopping(results):
     if not th:
         return None
     tasks = _tasks(results)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(DOUBLE_COLUMN_IN, 2.2), sharey=False, squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(DOUBLE_COLUMN_IN, 2.3), squeeze=False, layout="constrained")
     for ax, c, t in zip(axes[0], PALETTE, tasks):
         cur = th[t]["measured_curve"]
         ep = [0.0] + [p["epoch"] for p in cur]
         val = [th[t]["pretrained"]["validation"]] + [p["validation"] for p in cur]
         ax.plot(ep, val, "o-", color=c, ms=3, label="validation (measured)")
         pe = th[t].get("predicted_epochs")
-        if pe is not None:
+        right = max(ep) * 1.25
+        if pe is not None and pe <= right:
             ax.axvline(pe, color="k", ls="--", lw=0.9, label=f"T̂ → {pe:.2g} ep (predicted)")
+        elif pe is not None:  # beyond the trained range: say so at the right edge
+            ax.annotate(f"T̂ → {pe:.3g} ep →", xy=(1, 0.5), xycoords="axes fraction", ha="right", fontsize=6)
+        ax.set_xlim(-0.05 * right, right)
         ax.axvline(th[t]["measured_best_epoch"], color=c, ls=":", lw=0.9, label="best epoch (measured)")
         ax.set_title(t)
         ax.set_xlabel("epoch")
@@ -161,7 +165,7 @@ def interference(results):
         return None
     tasks = _tasks(results)
     I = ar["interference"]
-    fig, axes = plt.subplots(1, 3, figsize=(DOUBLE_COLUMN_IN, 2.3))
+    fig, axes = plt.subplots(1, 3, figsize=(DOUBLE_COLUMN_IN, 2.4), layout="constrained")
     M, P = np.asarray(I["measured_delta"], float), np.asarray(I["predicted_delta"], float)
     lim = max(np.nanmax(np.abs(M)), np.nanmax(np.abs(P)), 1e-12)
     for ax, A, title in ((axes[0], P, "predicted (linearised)"), (axes[1], M, "measured")):
@@ -172,7 +176,7 @@ def interference(results):
         ax.set_title(title)
         ax.grid(False)
     axes[0].set_ylabel("task A")
-    fig.colorbar(im, ax=axes[:2], shrink=0.8, label="ΔMSE_A")
+    fig.colorbar(im, ax=axes[1], shrink=0.8, label="ΔMSE of A")
     off = ~np.eye(len(tasks), dtype=bool)
     axes[2].plot(P[off], M[off], "o", color=PALETTE[0], ms=3)
     lo, hi = min(P[off].min(), M[off].min()), max(P[off].max(), M[off].max())
