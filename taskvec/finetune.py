@@ -14,6 +14,7 @@ examples of f = log p(target | prompt) (summed over target tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -548,7 +549,8 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
         record = train_run(base=base, model_kind=model_kind, output_kind=output_kind, task_kind=task_kind,
                            tokenizer=tokenizer, head_file=head_file, train=task.split("train")[:n],
                            validation=task.split("validation"),
-                           test=task.split("test") if cfg.train.eval_test else None, cfg=cfg.train,
+                           test=task.split("test") if cfg.train.eval_test else None,
+                           cfg=cfg.train if role == "task" else dataclasses.replace(cfg.train, fractions=()),
                            out_dir=out / "runs" / run_name, seed=cfg.seed, pretrained=pretrained[name],
                            progress=progress, desc=f"[{i + 1}/{len(plan)}] {run_name}", device=device)
         record = dict(record)

@@ -20,7 +20,7 @@ def test_presets_parse_and_roundtrip(name):
 def test_minilm_preset_shape():
     cfg = preset_config("minilm-vader")
     assert [t.data for t in cfg.tasks] == ["vader:movies", "vader:tweets", "vader:nyt", "vader:amazon"]
-    assert cfg.rate.task == "movies" and cfg.rate.sizes == (64, 128, 256, 512)
+    assert cfg.rate.task == "movies" and cfg.rate.sizes == (32, 64, 128, 256)
     assert cfg.train.scope == "body" and cfg.train.max_length == 64
     assert preset_config("minilm-vader", seed=3).seed == 3
     with pytest.raises(TaskvecError, match="unknown collection preset"):

@@ -150,8 +150,9 @@ def _cfg(base, **train):
 
 
 def test_interrupted_run_resumes_bitwise(tiny_bert, tmp_path, monkeypatch):
-    cfg = _cfg(tiny_bert / "base")
+    cfg = _cfg(tiny_bert / "base", eval_every=3, scope="full")
     whole = finetune.build_collection(cfg, tmp_path / "whole", progress=False)
+    assert [e["step"] for e in whole.run("tweets").curves()["eval"]] == [0, 1, 2, 3, 4, 6, 8]
     real_save = finetune._save_checkpoint
     calls = {"n": 0}
 
@@ -293,3 +294,33 @@ def test_bbc_classification_head_and_batches_match_encode(tiny_bert, tmp_path):
         assert torch.equal(mine[key], theirs[key])
     long = [{"text": " ".join(["market"] * 200), "label": 1}]
     assert finetune.Batcher(f, long, 64).batch([0])["input_ids"].shape == (1, 64)
+
+
+@pytest.mark.slow
+def test_real_minilm_vader_small(tmp_path):
+    """The real all-MiniLM-L6-v2 preset at toy sizes: loads, trains, checkpoints are real BERT folders."""
+    from transformers import AutoModel
+
+    from taskvec.collection import preset_config
+
+    cfg = preset_config("minilm-vader", sizes={"train": 32, "validation": 16, "test": 16, "probe": 8},
+                        rate={"task": "movies", "sizes": [16, 32]})
+    col = finetune.build_collection(cfg, tmp_path / "col", progress=False)
+    assert len(col.runs) == 5 and col.output["m"] == 1
+    body = AutoModel.from_pretrained(col.run("nyt").final().path)
+    assert body.config.hidden_size == 384
+    for r in col.runs:
+        assert all(math.isfinite(c.metrics["validation"]["mse"]) for c in r.checkpoints)
+
+
+@pytest.mark.slow
+def test_real_smollm2_attention_math_small(tmp_path):
+    """SmolLM2-135M (GGUF, dequantised) attention-only on arithmetic at toy sizes."""
+    from taskvec.collection import preset_config
+
+    cfg = preset_config("smollm2-math", sizes={"train": 8, "validation": 4, "test": 4, "probe": 4})
+    cfg.train.epochs, cfg.train.fractions = 1, ()
+    col = finetune.build_collection(cfg, tmp_path / "col", progress=False)
+    run = col.run("mul")
+    assert run.record["trainable"]["scope"] == "attention" and run.pretrained["validation"]["nll"] > 0
+    assert (run.final().path / "model.safetensors").is_file() or (run.final().path / "model.safetensors.index.json").is_file()
