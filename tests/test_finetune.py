@@ -293,7 +293,9 @@ def test_bbc_classification_head_and_batches_match_encode(tiny_bert, tmp_path):
     for key in theirs:
         assert torch.equal(mine[key], theirs[key])
     long = [{"text": " ".join(["market"] * 200), "label": 1}]
-    assert finetune.Batcher(f, long, 64).batch([0])["input_ids"].shape == (1, 64)
+    cut = make_output("logits", model, f.tokenizer, head=f.head, max_length=64, truncate_text=True)
+    mine = finetune.Batcher(f, long, 64).batch([0])
+    assert mine["input_ids"].shape == (1, 64) and torch.equal(mine["input_ids"], cut.encode(long)["input_ids"])
 
 
 @pytest.mark.slow
@@ -324,3 +326,30 @@ def test_real_smollm2_attention_math_small(tmp_path):
     run = col.run("mul")
     assert run.record["trainable"]["scope"] == "attention" and run.pretrained["validation"]["nll"] > 0
     assert (run.final().path / "model.safetensors").is_file() or (run.final().path / "model.safetensors.index.json").is_file()
+
+
+def test_llama_attention_scope_causal_nll(tmp_path):
+    """Tiny Llama (tied embeddings), attention-only: only q/k/v/o change; θ₀'s nll = −mean log p(target | prompt)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer(kind="causal")
+    save_hf(tiny_model("llama"), tmp_path / "llama", tok)
+    cfg = CollectionConfig.from_dict({
+        "base": str(tmp_path / "llama"), "sizes": {"train": 8, "validation": 4, "test": 4, "probe": 4},
+        "tasks": [{"name": "div", "data": "math:div"}],
+        "train": {"scope": "attention", "batch_size": 4, "epochs": 1, "lr": 1e-2, "fractions": []}})
+    col = finetune.build_collection(cfg, tmp_path / "col", progress=False)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    ft = AutoModelForCausalLM.from_pretrained(col.run("div").final().path).eval()
+    fb, ff = dict(base.named_parameters()), dict(ft.named_parameters())
+    changed = {n for n in fb if not torch.equal(fb[n], ff[n])}
+    assert changed and all(any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in changed)
+    rows = col.task_data("div").split("validation")
+    nll = 0.0
+    with torch.no_grad():
+        for r in rows:
+            p_ids = tok(r["prompt"])["input_ids"]
+            ids = torch.tensor([p_ids + tok(r["target"], add_special_tokens=False)["input_ids"]])
+            logp = torch.log_softmax(base(ids).logits[0, :-1], -1)
+            nll -= float(logp[torch.arange(len(p_ids) - 1, ids.shape[1] - 1), ids[0, len(p_ids):]].sum())
+    assert col.run("div").pretrained["validation"]["nll"] == pytest.approx(nll / len(rows), rel=1e-4)
