@@ -157,6 +157,22 @@ def test_lanczos_topk_matches_exact_eigenvalues():
         assert abs(abs(res.eigenvectors[:, i] @ ref[1][:, ::-1][:, i]) - 1) < 1e-6
 
 
+def test_lanczos_trace_kernel_with_several_outputs():
+    model, f, ex = setup("gpt2", kind="logits", label_words=[" dull", " wonderful", " boring"])
+    exact = compute_kernel(model, f, ex, strategy="exact", progress=False)
+    lan = compute_kernel(model, f, ex, strategy="lanczos", top_k=2, progress=False)
+    assert np.max(np.abs(lan.eigenvalues - exact.eigenvalues[:2]) / exact.eigenvalues[:2]) <= 1e-6
+
+
+def test_tied_embeddings_stay_dense_and_exact():
+    model, f, ex = setup("llama")  # tie_word_embeddings=True: lm_head shares the matrix
+    J = brute_jacobian(model, f, ex, scope="all")
+    res = compute_kernel(model, f, ex, scope="all", strategy="exact", progress=False)
+    assert res.info["scope"]["dense_embeddings"] == ["model.embed_tokens.weight"]
+    assert not res.info["scope"]["restricted_rows"] and res.info["n_params"] == J.shape[1]
+    assert rel(res.K, (J @ J.T).numpy()) < 1e-8
+
+
 def test_spectrum_clips_and_reports_negatives():
     U = np.linalg.qr(np.random.default_rng(0).standard_normal((5, 5)))[0]
     K = U @ np.diag([3.0, 1.0, 0.5, 0.2, -1e-6]) @ U.T * 5

@@ -61,6 +61,8 @@ def cross_task(model, output, probe_sets: Mapping[str, Sequence[Mapping]], *, k:
 
     if len(probe_sets) < 2:
         raise TaskvecError("cross-task blocks need at least two probe sets")
+    if kernel_kw.get("mode", "trace") != "trace":
+        raise TaskvecError("cross-task blocks use the trace kernel (one row per example); drop mode='block'")
     if kernel_kw.get("strategy") == "lanczos":
         raise TaskvecError("cross-task blocks need the full Gram matrix; use exact, recompute or sketch")
     names, union, slices = list(probe_sets), [], {}

@@ -25,6 +25,7 @@ class ParamSpace:
     names: list[str]
     shapes: dict[str, tuple]
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense_embeddings: list[str] = field(default_factory=list)  # in scope, tied to an output layer: dense
     full: dict[str, torch.Tensor] = field(default_factory=dict)  # detached full tensors of restricted names
 
     def shape(self, name: str) -> tuple:
@@ -86,7 +87,8 @@ class ParamSpace:
 
     def describe(self) -> dict:
         return {"tensors": list(self.names), "n_params": self.p, "n_params_full": self.p_full,
-                "restricted_rows": {n: int(len(r)) for n, r in self.rows.items()}}
+                "restricted_rows": {n: int(len(r)) for n, r in self.rows.items()},
+                "dense_embeddings": list(self.dense_embeddings)}
 
 
 def _input_embedding_name(model: nn.Module) -> str | None:
@@ -121,6 +123,13 @@ def build_space(model: nn.Module, scope="body", token_ids: torch.Tensor | None =
     params = dict(named)
     space = ParamSpace(names=names, shapes={n: tuple(params[n].shape) for n in names})
     emb = _input_embedding_name(model)
+    try:
+        in_emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        in_emb = None
+    if in_emb is not None and emb is None:
+        # tied to the output layer: the softmax makes every row's gradient non-zero, so it stays dense
+        space.dense_embeddings = [n for n in names if params[n] is in_emb.weight]
     if emb in names and token_ids is not None:
         rows = torch.unique(token_ids.reshape(-1)).to(torch.long)
         space.rows[emb] = rows
