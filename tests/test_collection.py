@@ -42,3 +42,15 @@ def test_relative_base_resolves_against_config(tmp_path):
     (tmp_path / "c.toml").write_text('base = "m"\n[[tasks]]\ndata = "vader:nyt"\n')
     cfg = CollectionConfig.from_file(tmp_path / "c.toml")
     assert cfg.base == str((tmp_path / "m").resolve()) and cfg.tasks[0].name == "vader-nyt"
+
+
+def test_cli_print_preset_roundtrips_and_errors(tmp_path, capsys):
+    from taskvec.cli import main
+
+    assert main(["finetune", "--preset", "minilm-vader", "--print-preset"]) == 0
+    (tmp_path / "m.toml").write_text(capsys.readouterr().out)
+    assert CollectionConfig.from_file(tmp_path / "m.toml").to_dict() == preset_config("minilm-vader").to_dict()
+    assert main(["finetune", "--out", str(tmp_path / "x")]) == 2
+    assert main(["finetune", str(tmp_path / "m.toml")]) == 2
+    assert main(["finetune", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
