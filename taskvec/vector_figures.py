@@ -77,16 +77,23 @@ def plot_spectra(data: dict, spectra: dict):
         ax.set_visible(False)
     for t, name in enumerate(names):
         ax = axes.flat[t]
-        curves = [s / s[0] for s in spectra[name].values() if len(s) and s[0] > 0]
+        curves = [np.where(s > 0, s / s[0], np.nan) for s in spectra[name].values() if len(s) and s[0] > 0]
         for s in curves:
             ax.plot(np.arange(1, len(s) + 1), s, color=PALETTE[t % len(PALETTE)], alpha=0.15, lw=0.6)
-        if curves:
-            L = min(len(s) for s in curves)
-            ax.plot(np.arange(1, L + 1), np.median(np.stack([s[:L] for s in curves]), axis=0), color="black", lw=1.2,
-                    label="median")
+        if curves:  # median at each index over the tensors that have it, while at least half do
+            L = max(len(s) for s in curves)
+            pad = np.full((len(curves), L), np.nan)
+            for i, s in enumerate(curves):
+                pad[i, : len(s)] = s
+            have = np.isfinite(pad).sum(0)
+            keep = int(np.sum(have >= max(1, len(curves) / 2)))
+            if keep:
+                ax.plot(np.arange(1, keep + 1), np.nanmedian(pad[:, :keep], axis=0), color="black", lw=1.2,
+                        label="median")
         erank = [data["tensors"][k]["tasks"][name].get("effective_rank") for k in spectra[name]]
         erank = [e for e in erank if e]  # zero tensors (left alone by a LoRA) have no rank to speak of
-        ax.set_title(f"{name}\nmedian effective rank {np.median(erank):.1f}" if erank else name)
+        short = name if len(name) <= 24 else name[:11] + "…" + name[-12:]
+        ax.set_title(f"{short}\nmedian effective rank {np.median(erank):.1f}" if erank else short, fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("index i")

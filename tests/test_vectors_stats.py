@@ -18,6 +18,18 @@ from tiny import save_hf, tiny_model
 
 KS = (1.0, 10.0, 50.0)
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One BLAS/torch thread: these tensors are tiny, and multi-threaded kernels stall on a busy machine."""
+    from threadpoolctl import threadpool_limits
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(prev)
+
+
 
 def _reference(base_sd, ft_sds, names_in_scope):
     """Every statistic from full float64 tensors, by the definitions in taskvec.vector_stats.
@@ -273,3 +285,11 @@ def test_top_values_exact_on_both_paths():
             assert thr == ref[m - 1]
             assert top.size == m and np.sum(top.astype(np.float64) ** 2) == pytest.approx(
                 np.sum(ref[:m].astype(np.float64) ** 2), rel=1e-12)
+
+
+def test_default_task_names_tell_sources_apart():
+    from taskvec.vector_stats import _default_names
+
+    assert _default_names(["/r/ft0", "/r/ft1"]) == ["ft0", "ft1"]
+    assert _default_names(["/r/movies/checkpoints/epoch-3", "/r/nyt/checkpoints/epoch-3",
+                           "/r/nyt/checkpoints/epoch-1"]) == ["movies/epoch-3", "nyt/epoch-3", "nyt/epoch-1"]
