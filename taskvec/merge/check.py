@@ -131,6 +131,9 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
         "extra_tensors": al_m.extra,
         "shape_mismatch": {k: [list(a), list(b)] for k, (a, b) in al_m.shape_mismatch.items()},
         "vocab_rows_added": {k: list(v) for k, v in al_m.added_rows.items()},
+        "not_checked": {n: ("outside --scope" if n not in set(names) else "not comparable (missing or reshaped)")
+                        for n in floats if n not in set(comparable)},
+        "excluded_buffers": sorted(set(base.keys()) - set(floats)),
     })
     report["findings"] = findings(report)
     return report
