@@ -213,3 +213,13 @@ def test_half_precision_merges_are_judged_against_their_rounding(coll, tmp_path,
     out = merge_checkpoints(base, fts, "dare_ties", MergeParams(densities=(0.5,)), tmp_path / "dt", progress=False,
                             out_dtype=dtype)
     assert check_merge(base, out, fts, progress=False)["classification"] == "dare_ties"
+
+
+def test_check_scope_leaves_vocabulary_out(coll, tmp_path):
+    root, base, fts = coll
+    big = save_hf(perturbed(tiny_model("gpt2", seed=0, vocab_size=160), seed=5), tmp_path / "bigvocab")
+    out = merge_checkpoints(base, [fts[0], big], "task_arithmetic", MergeParams(), tmp_path / "m", progress=False,
+                            scope="body")
+    rep = check_merge(base, out, [fts[0], big], scope="body", progress=False)
+    assert rep["classification"] == "task_arithmetic"
+    assert rep["not_checked"]["transformer.wte.weight"] == "outside --scope"

@@ -97,13 +97,16 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
     al_fts = [align(base, ft) for ft in fts]
     floats = [n for n in base.keys() if n not in align(base, base).excluded]  # buffers / integer tensors out
     names = resolve_scope(floats, scope)
+    in_scope = set(names)
+    if merged.is_delta:
+        raise TaskvecError(f"{merged.source} is a LoRA adapter; check the merged full model (merge_and_unload)")
     for ft, al in zip(fts, al_fts):
         al.check(names)
-        if al.added_rows:
-            n = next(iter(al.added_rows))
-            raise TaskvecError(f"{ft.source}: tensor {n!r} has a different vocabulary size from the base "
-                               f"{base.source}; check with --scope body")
-        missing = [n for n in al.missing if n in set(names)]
+        grown = [n for n in al.added_rows if n in in_scope]
+        if grown:
+            raise TaskvecError(f"{ft.source}: tensor {grown[0]!r} has a different vocabulary size from the base "
+                               f"{base.source}; check with --scope body (vocabulary matrices left out)")
+        missing = [n for n in al.missing if n in in_scope]
         if missing and not ft.is_delta:
             raise TaskvecError(f"{ft.source} lacks tensor {missing[0]!r} of the base; restrict --scope")
     comparable = [n for n in names if n in al_m.pairs and n not in al_m.added_rows]
@@ -127,11 +130,11 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
     report = summarise(rows, [ft.source for ft in fts])
     report.update({
         "base": base.source, "merged": merged.source, "finetunes": [ft.source for ft in fts], "scope": scope,
-        "missing_tensors": [n for n in al_m.missing if n in set(names)],
+        "missing_tensors": [n for n in al_m.missing if n in in_scope],
         "extra_tensors": al_m.extra,
         "shape_mismatch": {k: [list(a), list(b)] for k, (a, b) in al_m.shape_mismatch.items()},
         "vocab_rows_added": {k: list(v) for k, v in al_m.added_rows.items()},
-        "not_checked": {n: ("outside --scope" if n not in set(names) else "not comparable (missing or reshaped)")
+        "not_checked": {n: ("outside --scope" if n not in in_scope else "not comparable (missing or reshaped)")
                         for n in floats if n not in set(comparable)},
         "excluded_buffers": sorted(set(base.keys()) - set(floats)),
     })
