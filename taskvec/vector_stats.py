@@ -35,7 +35,7 @@ from .errors import TaskvecError
 from .scope import group_of, layer_of
 from .vectors import extract_pairs
 
-__all__ = ["CollectionStats", "collection_stats", "effective_rank"]
+__all__ = ["CollectionStats", "collection_stats", "collection_statistics", "effective_rank"]
 
 SCHEMA = "taskvec.vectors/1"
 _CHUNK = 1 << 18  # columns per cross-task block: small enough to stay in cache-sized temporaries
@@ -154,6 +154,11 @@ class _Buffers:
         self.code = torch.empty(_CHUNK, dtype=torch.float64)       # per-entry pattern codes
         self.icode = torch.empty(_CHUNK, dtype=torch.int64)
         self.b = torch.empty(_CHUNK, dtype=torch.float64)          # base block
+
+
+def collection_statistics(base, fts, names=None, scope="body", **kwargs) -> dict:
+    """collection_stats(...).to_dict(): the vectors.json dictionary (used by the report pipeline)."""
+    return collection_stats(base, fts, names, scope, **kwargs).to_dict()
 
 
 def _default_names(sources: list[str]) -> list[str]:
