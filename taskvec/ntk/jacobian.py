@@ -24,6 +24,7 @@ class ProbeBatch:
         self.n = len(examples)
         self.lengths = self.batch["attention_mask"].sum(1)
         self.order = torch.argsort(self.lengths, stable=True)  # processing order → original index
+        self.device = next(output.model.parameters()).device
 
     @property
     def n_tokens(self) -> int:
@@ -32,7 +33,7 @@ class ProbeBatch:
     def block(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows `idx` (original indices), trimmed to their longest sequence."""
         L = int(self.lengths[idx].max())
-        return {k: (v[idx, :L] if v.ndim == 2 else v[idx]) for k, v in self.batch.items()}
+        return {k: (v[idx, :L] if v.ndim == 2 else v[idx]).to(self.device) for k, v in self.batch.items()}
 
     def blocks(self, size: int, *, sorted_order: bool = True) -> Iterator[tuple[torch.Tensor, dict]]:
         order = self.order if sorted_order else torch.arange(self.n)

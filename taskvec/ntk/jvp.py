@@ -62,7 +62,7 @@ def jvp(model: nn.Module, output: OutputFunction, examples: Sequence[Mapping],
         for idx, batch in blocks:
             with torch.no_grad():
                 _, jv = _jvp(lambda p: output(p, batch), (base,), (tangent,))
-            out[idx] = jv.detach().double()
+            out[idx] = jv.detach().double().cpu()
             bar.update(len(idx))
     return out
 
@@ -79,7 +79,7 @@ def outputs_at(model: nn.Module, output: OutputFunction, examples: Sequence[Mapp
     out = torch.zeros(probe.n, output.m, dtype=torch.float64)
     with torch.no_grad():
         for idx, batch in blocks:
-            out[idx] = output(params, batch).double()
+            out[idx] = output(params, batch).double().cpu()
     return out
 
 

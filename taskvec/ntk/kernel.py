@@ -259,7 +259,7 @@ class _Runner:
                     K[a0:r0 + R.shape[0], r0:r0 + R.shape[0]] = blk.T
                     bar.update(batch["input_ids"].shape[0])
                 for r0, batch in self.sorted_blocks(p.block, e, n):
-                    R = self.rows(batch)
+                    R = self.rows(batch).cpu()
                     blk = gram(Jp, R)
                     K[a0:a0 + Jp.shape[0], r0:r0 + R.shape[0]] = blk
                     K[r0:r0 + R.shape[0], a0:a0 + Jp.shape[0]] = blk.T
@@ -275,7 +275,7 @@ class _Runner:
         exact_rows = []
         with self.bar(self.probe.n, f"eNTK sketch ({kind}, k={p.sketch_dim})") as bar:
             for r0, batch in self.sorted_blocks(p.block):
-                R = self.rows(batch)
+                R = self.rows(batch).cpu()
                 if r0 < check_rows:
                     exact_rows.append(R[: check_rows - r0].clone())
                 Phi[r0:r0 + R.shape[0]] = sk(R).double()

@@ -56,6 +56,7 @@ class KernelOperator:
                     cot = V[idx]
                 else:
                     cot[:, o] = V[idx, 0]
+                cot = cot.to(self.probe.device)
                 (grads,) = pull(cot)
                 for k in g:
                     g[k] += grads[k]
@@ -63,9 +64,9 @@ class KernelOperator:
             for idx, batch in self.probe.blocks(self.block_size):
                 _, jv = jvp(self._f(batch), (self.base,), (g,))
                 if o is None:
-                    result[idx] += jv.double()
+                    result[idx] += jv.double().cpu()
                 else:
-                    result[idx, 0] += jv[:, o].double()
+                    result[idx, 0] += jv[:, o].double().cpu()
         return result.reshape(-1).numpy()
 
 

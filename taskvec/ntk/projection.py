@@ -124,11 +124,12 @@ def eigendirections(model: nn.Module, output: OutputFunction, examples: Sequence
     base = space.base(model)
     U = torch.as_tensor(np.asarray(result.eigenvectors)[:, :k] / np.sqrt(result.n * vals), dtype=torch.float64)
     probe = ProbeBatch(output, examples)
-    acc = {nm: torch.zeros((k,) + tuple(t.shape), dtype=t.dtype) for nm, t in base.items()}
+    acc = {nm: torch.zeros((k,) + tuple(t.shape), dtype=t.dtype, device=t.device) for nm, t in base.items()}
     for idx, batch in probe.blocks(batch_size):
         with torch.no_grad():
             _, pull = vjp(lambda p: output(p, batch), base)
-            cots = U[idx].T.to(next(iter(base.values())).dtype)[:, :, None]  # [k, b, 1]
+            ref = next(iter(base.values()))
+            cots = U[idx].T.to(dtype=ref.dtype, device=ref.device)[:, :, None]  # [k, b, 1]
             (g,) = vmap(pull)(cots)
         for nm in acc:
             acc[nm] += g[nm]
