@@ -173,6 +173,16 @@ class Checkpoint:
         dst.copy_(self.get(name, out.dtype).reshape(-1))
         return dst.view(self.shape(name))
 
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor `name` into out[:stop-start] (out's dtype).
+        Formats without random access materialise the tensor once and serve slices of it."""
+        cached = getattr(self, "_range_cache", None)
+        if cached is None or cached[0] != name:
+            self._range_cache = cached = (name, self.get(name, out.dtype).reshape(-1))
+        dst = out[: stop - start]
+        dst.copy_(cached[1][start:stop])
+        return dst
+
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 
@@ -290,6 +300,21 @@ class SafetensorsCheckpoint(Checkpoint):
         else:
             dst.copy_(_read_tensor(info, _scratch(info.nbytes)).reshape(-1))
         return dst.view(info.shape)
+
+
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Positioned read of elements [start, stop) — no other part of the tensor is touched."""
+        info = self._info[name]
+        item = torch.empty((), dtype=info.dtype).element_size()
+        sub = _TensorInfo(info.file, info.dtype, (stop - start,), info.begin + start * item, (stop - start) * item)
+        dst = out[: stop - start]
+        if stop <= start:
+            return dst
+        if info.dtype == out.dtype:
+            _read_tensor(sub, dst.view(torch.uint8))
+        else:
+            dst.copy_(_read_tensor(sub, _scratch(sub.nbytes)))
+        return dst
 
 
 _SCRATCH: list[torch.Tensor] = []

@@ -247,7 +247,9 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
                 on = al.pairs[n]
                 max_numel = max(max_numel, fts[t].numel(on))
                 total_bytes += fts[t].nbytes(on)
-    buf = _Buffers(max_numel, T, dtype)
+    # basic statistics stream each tensor in column blocks (memory: a few blocks); the full set needs
+    # whole tensors for the exact top-k thresholds and the spectra
+    buf = _Buffers(_CHUNK if not signs else max_numel, T, dtype)
 
     tensors, groups, spectra = {}, {}, {name: {} for name in names}
     added = {name: {} for name in names}
@@ -257,6 +259,16 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
         acc = _Acc(T, ks)
         shape = tuple(base.shape(n))
         numel = math.prod(shape)
+        if not signs:
+            _basic_stream(acc, base, fts, aligned, n, names, buf, added)
+            bar.update(base.nbytes(n) + sum(f.nbytes(a[0].pairs[n]) for f, a in zip(fts, aligned) if n in a[0].pairs))
+            acc.numel = numel
+            summ = acc.summary(names)
+            g = group_of(n)
+            tensors[n] = {"shape": list(shape), "group": g, "layer": layer_of(n), **summ}
+            groups.setdefault(g, _Acc(T, ks)).add(acc)
+            total.add(acc)
+            continue
         b = base.read_into(n, buf.base).reshape(-1)
         bar.update(base.nbytes(n))
         acc.base_sq = _sum_sq(b, buf.b)
@@ -343,6 +355,54 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
                    "buffer_bytes": int((T + 1) * max_numel * torch.empty((), dtype=dtype).element_size())},
     }
     return CollectionStats(data, spectra)
+
+
+def _basic_stream(acc: _Acc, base: Checkpoint, fts: list, aligned: list, n: str, names: list, buf: _Buffers,
+                  added: dict) -> None:
+    """Base norm and Gram matrix of tensor `n`, reading base and fine-tunes block by block (positioned reads)."""
+    T = len(fts)
+    numel = base.numel(n)
+    pairs = [(i, j) for i in range(T) for j in range(i, T)]
+    X = buf.x
+    for s in range(0, numel, _CHUNK):
+        e = min(numel, s + _CHUNK)
+        c = e - s
+        b = base.read_range(n, s, e, buf.base)
+        xb = buf.b[:c]
+        xb.copy_(b)
+        acc.base_sq += float(torch.dot(xb, xb))
+        for t, (al, _, _) in enumerate(aligned):
+            if n not in al.pairs:
+                X[t, :c].zero_()
+                continue
+            x = fts[t].read_range(al.pairs[n], s, e, buf.tau[t])
+            if not fts[t].is_delta:
+                x.sub_(b)
+            X[t, :c].copy_(x)
+        for i, j in pairs:
+            acc.gram[i, j] += float(torch.dot(X[i, :c], X[j, :c]))
+    for i, j in pairs:
+        acc.gram[j, i] = acc.gram[i, j]
+    if not math.isfinite(acc.base_sq):
+        check_finite(base, n, base.get(n))
+    for t, (al, _, _) in enumerate(aligned):
+        if n not in al.pairs:
+            continue
+        on = al.pairs[n]
+        if not math.isfinite(acc.gram[t, t]):
+            check_finite(fts[t], on, fts[t].get(on))
+        if n in al.added_rows:
+            extra_sq = 0.0
+            total = fts[t].numel(on)
+            for s in range(numel, total, _CHUNK):
+                e = min(total, s + _CHUNK)
+                y = buf.b[: e - s]
+                y.copy_(fts[t].read_range(on, s, e, buf.tau[t]))
+                extra_sq += float(torch.dot(y, y))
+            if not math.isfinite(extra_sq):
+                check_finite(fts[t], on, fts[t].get(on))
+            added[names[t]][n] = {"base_rows": al.added_rows[n][0], "ft_rows": al.added_rows[n][1],
+                                  "added_norm": math.sqrt(extra_sq)}
 
 
 def _sum_sq(x: torch.Tensor, blk: torch.Tensor) -> float:

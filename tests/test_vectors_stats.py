@@ -253,6 +253,10 @@ def test_cli_bad_input_clear_error_nothing_written(bad, case, tmp_path, capsys):
     assert re.search(msg, err), err
     assert str(ft) in err or str(ft / "model.safetensors") in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+    if case in ("nan/inf", "wrong shape", "architecture"):  # the block-streaming --basic path says the same
+        assert main(["vectors", str(base), str(ft), "--out", str(out), "--no-progress", "--scope", "all",
+                     "--basic"]) == 2
+        assert re.search(msg, capsys.readouterr().err) and not out.exists()
 
 
 def test_gram_singular_values_match_svd():
@@ -296,3 +300,28 @@ def test_default_task_names_tell_sources_apart():
     assert _default_names(["/r/ft0", "/r/ft1"]) == ["ft0", "ft1"]
     assert _default_names(["/r/movies/checkpoints/epoch-3", "/r/nyt/checkpoints/epoch-3",
                            "/r/nyt/checkpoints/epoch-1"]) == ["movies/epoch-3", "nyt/epoch-3", "nyt/epoch-1"]
+
+
+def test_basic_streaming_matches_full_on_every_format(tmp_path):
+    """--basic reads tensors block by block (positioned reads; whole-tensor fallback for .pt/LoRA)."""
+    from taskvec import vector_stats
+
+    c = make_collection(tmp_path, "llama", n_ft=1)
+    make_lora(c["base_model"], tmp_path / "lora", "llama")
+    grown = tiny_model("llama", seed=7)
+    grown.resize_token_embeddings(140)
+    save_hf(grown, tmp_path / "grown", max_shard_size="20KB")
+    fts = [c["ft"][0], c["ft0_bf16_sharded"], c["ft0_pt"], tmp_path / "lora", tmp_path / "grown"]
+    old = vector_stats._CHUNK
+    vector_stats._CHUNK = 1000  # many blocks per tensor, ragged last block
+    try:
+        basic = collection_stats(c["base"], fts, scope="all", basic=True, progress=False).to_dict()
+    finally:
+        vector_stats._CHUNK = old
+    full = collection_stats(c["base"], fts, scope="all", progress=False).to_dict()
+    np.testing.assert_allclose(np.array(basic["cosine"]), np.array(full["cosine"]), rtol=1e-12, atol=1e-15)
+    for n in basic["tasks"]:
+        assert basic["global"][n]["norm"] == pytest.approx(full["global"][n]["norm"], rel=1e-12)
+    assert basic["added_rows"] == full["added_rows"] and basic["added_rows"]["grown"]
+    for name, t in full["tensors"].items():
+        assert basic["tensors"][name]["base_norm"] == pytest.approx(t["base_norm"], rel=1e-12)
