@@ -71,6 +71,13 @@ def test_ntk_command_sketch_and_lanczos(causal, tmp_path):
                  "--strategy", "sketch", "--sketch-dim", "4096", "--no-progress"]) == 0
     info = json.loads((tmp_path / "s" / "ntk.json").read_text())
     assert info["sketch_rel_error_on_check"] <= info["sketch_rel_bound_on_check_delta_0.05"]
+    assert main(["ntk", str(base), "--data", str(data), "--output", "logprob", "--out", str(tmp_path / "d"),
+                 "--directions", "2", "--no-progress", "--dtype", "float64"]) == 0
+    from safetensors.torch import load_file
+
+    V = load_file(str(tmp_path / "d" / "directions.safetensors"))
+    flat = torch.cat([v.reshape(2, -1) for v in V.values()], 1)
+    assert torch.allclose(flat @ flat.T, torch.eye(2, dtype=torch.float64), atol=1e-10)
     assert main(["ntk", str(base), "--data", str(data), "--output", "logprob", "--out", str(tmp_path / "l"),
                  "--strategy", "lanczos", "--top-k", "2", "--no-progress"]) == 0
     assert not (tmp_path / "l" / "kernel.npy").exists() and np.load(tmp_path / "l" / "eigenvalues.npy").shape == (2,)

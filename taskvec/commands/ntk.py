@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
                     "Writes DIR/kernel.npy, eigenvalues.npy (of K/n, descending), eigenvectors.npy and ntk.json "
                     "(settings, timings, peak memory, strategy, sketch error if any).")
     add_model_arguments(p)
+    p.add_argument("--directions", type=int, default=0, metavar="K",
+                   help="also write the top-K parameter-space eigendirections v_i = Jᵀu_i/sqrt(nμ̂_i) to "
+                        "DIR/directions.safetensors (tensor name → [K, *shape]; K·p numbers)")
     p.set_defaults(func=run)
 
 
@@ -88,8 +91,18 @@ def run(args) -> int:
     model, output, examples, desc = load_setup(args)
     result = kernel_from_args(args, model, output, examples)
     result.info["inputs"] = desc
+    directions = None
+    if args.directions:
+        from ..ntk import eigendirections
+
+        directions = eigendirections(model, output, examples, result, args.directions, scope=args.scope)
     with atomic_dir(Path(args.out), overwrite=args.overwrite) as tmp:
         result.save(tmp)
+        if directions is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous().cpu() for k, v in directions.items()}, str(tmp / "directions.safetensors"),
+                      metadata={"format": "taskvec-eigendirections", "k": str(args.directions)})
     info = result.info
     top = ", ".join(f"{v:.4g}" for v in result.eigenvalues[:5])
     print(f"eNTK: n={info['n']} p={info['n_params']:,} strategy={info['strategy']} "
