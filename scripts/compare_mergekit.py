@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,9 @@ def main() -> int:
             continue
         cmp_ = compare(mk_out, tv_out)
         row.update({"mergekit": mk, **cmp_})
+        t0 = time.perf_counter()
         rep = check_merge(base, mk_out, fts, progress=False)  # does taskvec recognise mergekit's merge?
+        row["check_merge_seconds"] = round(time.perf_counter() - t0, 2)
         row["check_merge_on_mergekit_output"] = {
             "classification": rep["classification"], "lambda_global": rep["lambda_global"],
             "kept_fraction": rep["kept_fraction"], "verdicts": [f["message"] for f in rep["findings"]]}
@@ -220,7 +223,7 @@ def main() -> int:
               f"{cmp_['max_diff_in_float32_eps_of_tensor_max']:>10.3g}  "
               f"{mk['wall_s']:>7.2f} / {mk['peak_rss_mib']:>6.0f}  {tv['wall_s']:>7.2f} / {tv['peak_rss_mib']:>6.0f}")
         c = row["check_merge_on_mergekit_output"]
-        print(f"{'':<26} taskvec check-merge on mergekit's output: {c['classification']}, "
+        print(f"{'':<26} taskvec check-merge on mergekit's output ({row['check_merge_seconds']} s): {c['classification']}, "
               f"kept {', '.join(f'{k:.3f}' for k in c['kept_fraction'])}"
               + (" (random masks differ from taskvec's by design)" if method.startswith("dare") else ""))
         for v in c["verdicts"]:

@@ -57,13 +57,16 @@ def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.n
     trim = sig.trim_evidence(X, d, visible)
     step = max(1, len(d) // SUBSAMPLE)
     Xs, ds, ms = X[::step], d[::step], mf[::step]
-    modes = [sig.ratio_mode(Xs[:, t], ds) for t in range(X.shape[1])]
+    dense = fit["residual_fraction"] <= 1e-8 + 4 * noise / max(fit["dd"], 1e-300) and not trim["zero_entries"]
+    if dense:  # θ_m − θ₀ = Σ λ_t τ_t here: the subset structure is "all models, coefficients λ"
+        modes = [(lam, 1.0) for lam in fit["lambda"]]
+    else:
+        modes = [sig.ratio_mode(Xs[:, t], ds) for t in range(X.shape[1])]
     fallback = list(fallback) if fallback is not None else [None] * X.shape[1]
     coef = np.array([c if freq >= 0.01 else (fb if fb is not None else lam)
                      for (c, freq), lam, fb in zip(modes, fit["lambda"], fallback)])
-    sub = sig.subset_fit(Xs, ds, coef, ms, eps=eps) if (fit["residual_fraction"] > 1e-8 or trim["zero_entries"]) else \
-        {"explained_fraction": 1.0, "family": "sum", "kept_fraction": [1.0] * X.shape[1], "mixed_sign_subsets": 0,
-         "l1_ratio": [1.0] * X.shape[1]}
+    sub = {"explained_fraction": 1.0, "family": "sum", "kept_fraction": [1.0] * X.shape[1], "mixed_sign_subsets": 0,
+           "l1_ratio": [1.0] * X.shape[1]} if dense else sig.subset_fit(Xs, ds, coef, ms, eps=eps)
     signs = np.sign(X * coef)
     mixed_entries = int(((signs > 0).any(1) & (signs < 0).any(1))[::step].sum())
     moved = np.any(X != 0, axis=1)
