@@ -5,7 +5,6 @@ in a temporary folder, then runs each case in its own subprocess and reads that 
 from /proc/self/status (VmHWM, its own address space only):
 
   read-only     read every byte of every shard once (1 MiB chunks into one reused buffer) — the I/O floor
-  read-tensors  read every tensor through safetensors.safe_open(...).get_tensor (the library's path)
   read-buffers  taskvec's reader alone: every tensor of the 4 models into 4 reused buffers (no arithmetic)
   full-load     load base and each fine-tune fully (safetensors.torch.load_file), subtract, keep the three
                 τ's, global norms and cosines — what one writes without a streaming layer
@@ -103,17 +102,6 @@ for d in sys.argv[1:]:
         with open(f, 'rb', buffering=0) as fh:
             while (k := fh.readinto(mv)):
                 n += k
-print('WORK', time.perf_counter() - t, n)
-""",
-    "read-tensors": """
-import os, sys, glob, torch, time
-from safetensors import safe_open
-t = time.perf_counter(); n = 0
-for d in sys.argv[1:]:
-    for f in sorted(glob.glob(os.path.join(d, '*.safetensors'))):
-        with safe_open(f, 'pt') as fh:
-            for k in fh.keys():
-                x = fh.get_tensor(k); n += x.numel() * x.element_size(); del x
 print('WORK', time.perf_counter() - t, n)
 """,
     "read-buffers": """
@@ -230,7 +218,6 @@ def main() -> int:
         paths = [str(m) for m in models]
         cases = {
             "read-only": (CASES["read-only"], paths),
-            "read-tensors": (CASES["read-tensors"], paths),
             "read-buffers": (CASES["read-buffers"], paths),
             "full-load": (CASES["full-load"], paths),
             "vectors": (CLI, ["vectors"] + paths + ["--scope", "all", "--spectra-max-dim", "0", "--no-figures", "--no-progress",
