@@ -22,7 +22,7 @@ from ..scope import group_of, resolve_scope
 from . import signatures as sig
 from .retention import predicted_retention  # noqa: F401  (re-exported hook)
 
-SUBSAMPLE = 1 << 20   # subset fit / ratio modes on at most this many (strided) entries per tensor
+SUBSAMPLE = 1 << 18   # subset fit / ratio modes on at most this many (strided) entries per tensor
 MIN_SUBSET_NUMEL = 256  # smaller tensors hold too few entries to estimate per-tensor DARE/TIES coefficients
 DEFER_NUMEL = 1 << 16  # tensors this small without a ratio mode are redone with the median mode of the others
 DENSE_TOL = 1e-5      # global residual fraction below which the merge *is* Σ λ_t τ_t (fp32 round-off)

@@ -108,21 +108,23 @@ def subset_fit(X: np.ndarray, d: np.ndarray, coef: np.ndarray, theta_m: np.ndarr
     fams = {"sum": 0, "mean": 0, "convex": 0}
     for s in range(0, n, chunk):
         Xc, dc = X[s:s + chunk] * coef, d[s:s + chunk]
-        c = len(dc)
-        cand_sum = Xc @ subsets.T.astype(np.float64)                                  # [c, K]
+        Sf = subsets.T.astype(np.float64)
+        cand_sum = Xc @ Sf                                                             # [c, K]
         cand_mean = cand_sum / np.maximum(size, 1)
-        sel = subsets[None] & np.ones((c, 1, 1), dtype=bool)                         # [c, K, T]
-        big = Xc[:, None, :]
-        lo = np.where(sel, big, np.inf).min(2)
-        hi = np.where(sel, big, -np.inf).max(2)
-        pos, neg = (sel & (big > 0)).any(2), (sel & (big < 0)).any(2)
-        mixed_S = pos & neg
+        mixed_S = (((Xc > 0) @ Sf) > 0) & (((Xc < 0) @ Sf) > 0)                      # S mixes signs here
         tol = (rel * np.abs(Xc).sum(1) + 4 * EPS32 * np.abs(theta_m[s:s + chunk] - dc)
-               + 2 * ulp(theta_m[s:s + chunk], max(eps, EPS32))
-               + 1e-30)[:, None]
+               + 2 * ulp(theta_m[s:s + chunk], max(eps, EPS32)))[:, None]
         err_sum, err_mean = np.abs(cand_sum - dc[:, None]), np.abs(cand_mean - dc[:, None])
         ok_sum, ok_mean = err_sum <= tol, err_mean <= tol
-        ok_conv = (size >= 2)[None] & ~mixed_S & (dc[:, None] >= lo - tol) & (dc[:, None] <= hi + tol)
+        ok_conv = np.zeros_like(ok_sum)
+        need = ~((ok_sum | ok_mean) & ~mixed_S).any(1)  # convex family only where no sign-consistent exact fit
+        if need.any():
+            Xn, dn, tn = Xc[need], dc[need][:, None], tol[need]
+            for k in np.flatnonzero(size >= 2):
+                cols = Xn[:, subsets[k]]
+                ok_conv[need, k] = ((dn >= cols.min(1, keepdims=True) - tn)
+                                    & (dn <= cols.max(1, keepdims=True) + tn))[:, 0]
+            ok_conv &= ~mixed_S
         ok_any = ok_sum | ok_mean | ok_conv
         ex = ok_any.any(1)
         consistent = (ok_any & ~mixed_S).any(1)
@@ -132,7 +134,7 @@ def subset_fit(X: np.ndarray, d: np.ndarray, coef: np.ndarray, theta_m: np.ndarr
         err = np.where(ok_sum | ok_mean, np.minimum(err_sum, err_mean) / tol + 10.0 * mixed_S,
                        np.where(ok_conv, 100.0, np.inf))
         best = err.argmin(1)
-        rows = np.arange(c)
+        rows = np.arange(len(dc))
         multi = ex & (size[best] > 1)
         fams["sum"] += int((multi & ok_sum[rows, best]).sum())
         fams["mean"] += int((multi & ~ok_sum[rows, best] & ok_mean[rows, best]).sum())
