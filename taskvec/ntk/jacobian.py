@@ -86,4 +86,4 @@ def per_example_bytes(output: OutputFunction, space: ParamSpace, probe: ProbeBat
     act = L * layers * (12 * hidden + 3 * inter + 3 * heads * L)
     if output.causal:
         act += 3 * L * int(getattr(cfg, "vocab_size", 0) or 0)
-    return int(itemsize * (3 * output.m * space.p + 2 * act))
+    return int(itemsize * (2 * output.m * space.p + 2 * act))

@@ -144,16 +144,19 @@ def plan(strategy: str, *, n: int, rows_per_ex: int, P: int, itemsize: int, ex_b
             f"memory budget {budget / GB:.2f} GB is too small for any strategy: the model takes "
             f"{model_bytes / GB:.2f} GB and one example's gradient pass about {ex_bytes / GB:.2f} GB; "
             f"raise --memory-gb or narrow --scope")
-    block = int(max(1, min(n, 64, (free * 0.25) // ex_bytes)))
+    def blocks_of(room: float) -> int:  # examples per vmap block: larger blocks run faster (fewer, bigger GEMMs)
+        return int(max(1, min(n, 64, room // ex_bytes)))
+
     k = int(sketch_dim or min(16384, max(1024, 8 * n * rows_per_ex)))
     stored = n * row_bytes + (n * rows_per_ex) ** 2 * 8
     if strategy == "auto":
-        if stored + block * ex_bytes <= free:
+        if stored + ex_bytes <= free:
             strategy = "exact"
-        elif (free - block * ex_bytes) >= row_bytes * max(1, math.ceil(n / 4)):
+        elif free - ex_bytes >= row_bytes * max(1, math.ceil(n / 4)):
             strategy = "recompute"
         else:
             strategy = "sketch"
+    block = blocks_of(free - stored if strategy == "exact" and stored + ex_bytes <= free else free * 0.25)
     if strategy == "exact":
         storage = "ram" if stored + block * ex_bytes <= free else "disk"
         notes = [] if storage == "ram" else [f"J ({n * row_bytes / GB:.1f} GB) exceeds the budget: stored on disk (memmap)"]
