@@ -192,6 +192,8 @@ def test_predicted_retention_closed_form():
     assert out["a"]["measured_retention"] == pytest.approx(0.9 * out["a"]["predicted_retention"], rel=1e-12)
     assert out["a"]["relative_error"] == pytest.approx(0.1 / 0.9, rel=1e-12)
     assert out["a"]["cosine"] == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(out["a"]["predicted_change"], 0.7 * jtau["a"][0] + 0.4 * jtau["a"][1], rtol=1e-12)
+    assert out["a"]["measured_change_norm"] == pytest.approx(0.9 * np.linalg.norm(pred), rel=1e-12)
     ownb = jtau["b"][1].ravel()
     assert out["b"]["self_term"] == 0.4 and "measured_retention" not in out["b"]
     assert out["b"]["predicted_retention"] == pytest.approx(

@@ -28,8 +28,9 @@ def predicted_retention(jtau: Mapping[str, np.ndarray], lambdas: Sequence[float]
     `ntk.jvp`); rows follow the order of `lambdas` (the fitted λ_t of `check_merge`). tasks: the task
     each row belongs to (default: the keys of jtau in order), so J_A τ_A is row tasks.index(A).
     measured: task A → f_A(θ_m) − f_A(θ₀) on the same probe points (same shape as one row).
-    Returns {A: {predicted_retention, predicted_interference, self_term, [measured_retention,
-    relative_error, cosine]}} — every prediction next to its measurement when one is given.
+    Returns {A: {predicted_change (Σ_t λ_t J_A τ_t, shaped like one row), predicted_retention,
+    predicted_interference, self_term, norms, [measured_retention, relative_error, cosine]}} — every
+    prediction next to its measurement when one is given.
     """
     lam = np.asarray(lambdas, dtype=np.float64)
     tasks = list(tasks) if tasks is not None else list(jtau)
@@ -50,14 +51,16 @@ def predicted_retention(jtau: Mapping[str, np.ndarray], lambdas: Sequence[float]
         others = pred - lam[i] * own
         rec = {"predicted_retention": _retention(pred, own),
                "predicted_interference": float(np.linalg.norm(others) / max(np.linalg.norm(own), 1e-300)),
-               "self_term": float(lam[i])}
+               "self_term": float(lam[i]),
+               "predicted_change": pred.reshape(np.shape(jtau[a])[1:]),
+               "predicted_change_norm": float(np.linalg.norm(pred)), "own_change_norm": float(np.linalg.norm(own))}
         if measured is not None and a in measured:
             meas = np.asarray(measured[a], dtype=np.float64).reshape(-1)
             if meas.shape != pred.shape:
                 raise TaskvecError(f"measured[{a!r}] has {meas.size} values but J_A τ has {pred.size}; "
                                    "use the same probe points and outputs")
             nm = np.linalg.norm(meas)
-            rec.update({"measured_retention": _retention(meas, own),
+            rec.update({"measured_retention": _retention(meas, own), "measured_change_norm": float(nm),
                         "relative_error": float(np.linalg.norm(pred - meas) / nm) if nm > 0 else float("nan"),
                         "cosine": float(pred @ meas / (np.linalg.norm(pred) * nm)) if nm > 0 else float("nan")})
         out[a] = rec
