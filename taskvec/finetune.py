@@ -498,7 +498,8 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
                 labels = np.array([float(e["label"]) for e in ex])
                 pre.setdefault(name, {})[split] = metrics_of(pred, labels, task_kind)
                 start += len(ex)
-            head_info.update({"tasks": list(tasks), "pretrained": pre})
+            head_info.update({"tasks": list(tasks), "pretrained": pre, "seconds": time.perf_counter() - t_head,
+                              "cpu_seconds": time.process_time() - c_head})
             head.save(out / "head")
             atomic_write_json(out / "head" / "head.json", head_info)
         head_info = json.loads((out / "head" / "head.json").read_text())
@@ -510,7 +511,7 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
         output = {"kind": output_kind, "m": 1, "head": None}
     output.update({"max_length": cfg.train.max_length, "truncation": "right (texts only)", "pooling": "mean"
                    if model_kind == "encoder" else None})
-    t_head, c_head = time.perf_counter(), time.process_time() - t_head
+    t_head, c_head = time.perf_counter() - t_head, time.process_time() - c_head
 
     # θ₀'s metrics per task (step 0 of every run of that task)
     if head_info is not None:
@@ -560,6 +561,8 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
         runs.append(record)
         atomic_write_json(out / "collection.json", meta)
     meta["complete"] = True
+    if head_info is not None and "seconds" in head_info:  # the head may have been fitted by an earlier invocation
+        t_head, c_head = head_info["seconds"], head_info["cpu_seconds"]
     meta["timing"] = {"head_seconds": t_head, "head_cpu_seconds": c_head,
                       "train_seconds": sum(r["seconds"] for r in runs),
                       "train_cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in runs),

@@ -91,6 +91,8 @@ def test_layout_checkpoints_load_and_metrics_match(collection, tiny_bert):
     assert [e["step"] for e in curves["eval"]] == [0, 1, 2, 4]
     assert curves["eval"][0]["validation"] == run.pretrained["validation"]
     assert set(run.checkpoints[-1].metrics) == {"validation", "test"}
+    timing = collection.meta["timing"]
+    assert 0 < timing["head_seconds"] < timing["total_seconds_this_invocation"] < 600
     opt = run.record["optimizer"]
     assert opt["class"] == "torch.optim.AdamW" and opt["param_group"]["lr"] == 1e-3 and opt["batch_size"] == 8
 
