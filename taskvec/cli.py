@@ -28,7 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """taskvec shows its own progress; transformers' per-load bars and load reports are noise here."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_transformers()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
