@@ -156,7 +156,8 @@ def plan(strategy: str, *, n: int, rows_per_ex: int, P: int, itemsize: int, ex_b
             strategy = "recompute"
         else:
             strategy = "sketch"
-    block = blocks_of(free - stored if strategy == "exact" and stored + ex_bytes <= free else free * 0.25)
+    block = blocks_of(min(free - stored, free * 0.25) if strategy == "exact" and stored + ex_bytes <= free
+                      else free * 0.25)
     if strategy == "exact":
         storage = "ram" if stored + block * ex_bytes <= free else "disk"
         notes = [] if storage == "ram" else [f"J ({n * row_bytes / GB:.1f} GB) exceeds the budget: stored on disk (memmap)"]
