@@ -4,12 +4,17 @@ from __future__ import annotations
 
 
 def add_parser(subparsers) -> None:
+    from ..outputs import OUTPUT_KINDS
+
     p = subparsers.add_parser(
         "check-merge", help="check that a merged model is the merge it claims to be (λ's, TIES/DARE signs, errors)",
         description="Fit θ_m − θ₀ ≈ Σ λ_t τ_t per tensor, per layer and globally; detect trimming, sign "
                     "election and DARE dropping; flag NaN/Inf, tensors that do not fit, tasks left out, a merge "
                     "built on another base, and missing/extra tensors. Writes DIR/check.json and "
-                    "DIR/check_merge_layers.png/.pdf and prints one verdict line per finding.")
+                    "DIR/check_merge_layers.png/.pdf and prints one verdict line per finding. With --data (one "
+                    "JSONL evaluation set per fine-tune) also the eNTK-predicted change of each task's outputs, "
+                    "Σ_t λ_t J_A τ_t, next to the measured f_A(θ_m) − f_A(θ₀) (check.json 'retention', "
+                    "DIR/check_merge_retention.png/.pdf).")
     p.add_argument("finetunes", nargs="+", metavar="FT", help="the fine-tuned models the merge was made from")
     p.add_argument("--base", required=True, help="the base (pretrained) model")
     p.add_argument("--merged", required=True, help="the merged model to check")
@@ -17,14 +22,45 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scope", default="all", help="tensors to check (preset or regex)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any finding is an error")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g = p.add_argument_group("per-task retention (needs --data)")
+    g.add_argument("--data", nargs="+", default=None, metavar="JSONL",
+                   help="one evaluation set per fine-tune, same order ({text, label} or {prompt, target} per line)")
+    g.add_argument("--output", default=None, choices=OUTPUT_KINDS,
+                   help="output function f(x; θ) (required with --data)")
+    g.add_argument("--head", default=None, help="taskvec_head.safetensors (or its folder) for every task (default: "
+                                               "the one beside each fine-tune, else beside the base)")
+    g.add_argument("--max-length", type=int, default=None, help="reject longer examples (default: model context)")
+    g.add_argument("--batch-size", type=int, default=32, help="examples per forward / J·τ pass (default 32)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..errors import TaskvecError
     from ..merge.check import check_merge, write_check
 
+    if args.data is not None and args.output is None:
+        raise TaskvecError("--data needs --output (regression, logits, margin, logprob or logprob-mean)")
+    if args.data is not None and len(args.data) != len(args.finetunes):
+        raise TaskvecError(f"--data gives {len(args.data)} JSONL file(s) but there are {len(args.finetunes)} "
+                           "fine-tunes; give one evaluation set per fine-tune, in the same order")
+    if args.data is None and (args.output or args.head or args.max_length):
+        raise TaskvecError("--output/--head/--max-length only apply with --data (one JSONL per fine-tune)")
+    if args.data is not None:
+        from ..merge.retention_data import read_task_data
+
+        read_task_data(args.data, args.output)  # bad JSONL fails before the (long) tensor check
     rep = check_merge(args.base, args.merged, args.finetunes, scope=args.scope, progress=not args.no_progress)
+    if args.data is not None:
+        from ..merge.retention_data import retention_figure, retention_from_paths, verdicts
+
+        rep["retention"] = retention_from_paths(
+            args.base, args.merged, args.finetunes, args.data, rep["lambda_global"], output=args.output,
+            head=args.head, max_length=args.max_length, scope=args.scope, batch_size=args.batch_size,
+            progress=not args.no_progress)
+        rep["findings"] = rep["findings"] + verdicts(rep["retention"])
     path = write_check(rep, args.out)
+    if "retention" in rep:
+        retention_figure(rep["retention"], args.out)
     print(f"{rep['classification']}: λ = [{', '.join(f'{x:.6g}' for x in rep['lambda_global'])}]  "
           f"({rep['n_tensors_checked']} tensors; report {path})")
     for f in rep["findings"]:

@@ -1,0 +1,228 @@
+"""Per-task retention of a merge on real task data: the kernel prediction next to the measurement.
+
+For each task A (one JSONL evaluation set per fine-tune) and the λ's `check_merge` fitted:
+- predicted change of A's outputs:  Σ_t λ_t J_A τ_t          (J_A τ_t by forward-mode AD at θ₀)
+- measured change:                  f_A(θ_m) − f_A(θ₀)      (real forward pass at θ₀ + (θ_m − θ₀))
+- fine-tune A alone:                J_A τ_A (predicted) and f_A(θ_A) − f_A(θ₀) (measured)
+and `predicted_retention` turns them into retention / interference numbers. With labels, the task
+metric (MSE for regression, accuracy for logits / two-class margin, mean log-prob for logprob kinds)
+is given for θ₀, the fine-tune and the merge, each predicted (linearised) and measured.
+f and J·τ come from `report.evaluate.Evaluator` (one per task and output column).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import TaskvecError
+from .retention import predicted_retention
+
+MERGED = "__merged__"  # Evaluator key of the direction θ_m − θ₀
+POOR_FIT = 0.3          # relative error of the predicted change above which the verdict is a warning
+
+
+def read_task_data(paths: Sequence, kind: str) -> list[list[dict]]:
+    """Read one JSONL evaluation set per task and check the fields `kind` needs (errors give file:line)."""
+    from ..jsonl import read_jsonl
+
+    sets = []
+    for path in paths:
+        rows = read_jsonl(path)
+        for i, ex in enumerate(rows, 1):
+            if kind in ("logprob", "logprob-mean"):
+                if not {"prompt", "target"} <= ex.keys():
+                    raise TaskvecError(f"{path}:{i}: output {kind!r} needs fields 'prompt' and 'target'; "
+                                       f"got {sorted(ex)}")
+            elif "text" not in ex and "prompt" not in ex:
+                raise TaskvecError(f"{path}:{i}: output {kind!r} needs a 'text' field; got {sorted(ex)}")
+        sets.append(rows)
+    return sets
+
+
+class _Column:
+    """Output column j of an OutputFunction as an m = 1 output (the Evaluator reads column 0)."""
+
+    m = 1
+
+    def __init__(self, output, j: int):
+        self._output, self._j = output, j
+
+    def __getattr__(self, name):
+        return getattr(self._output, name)
+
+    def __call__(self, params, batch):
+        return self._output(params, batch)[:, self._j:self._j + 1]
+
+
+def _encode_labels(output, examples, path) -> np.ndarray:
+    """Labels as the output function parses them; its 'example i' errors become 'path:line'."""
+    try:
+        return output.encode(examples)["label"].numpy()
+    except TaskvecError as exc:
+        msg = re.sub(r"^example (\d+):", lambda m_: f"{path}:{int(m_.group(1)) + 1}:", str(exc))
+        raise TaskvecError(msg if msg != str(exc) else f"{path}: {exc}") from None
+
+
+def task_metric(kind: str, outputs: np.ndarray, labels: np.ndarray, n_classes: int | None) -> tuple[str, float] | None:
+    """(name, value) of the task metric for outputs [n, m], or None when the labels do not allow one."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if kind in ("logprob", "logprob-mean"):
+        return "mean_logprob", float(outputs.mean())
+    if not np.all(np.isfinite(labels)) or (kind != "regression" and np.any(labels < 0)):
+        return None
+    if kind == "regression":
+        return ("mse", float(np.mean((outputs[:, 0] - labels) ** 2))) if outputs.shape[1] == 1 else None
+    if kind == "logits":
+        return "accuracy", float(np.mean(outputs.argmax(1) == labels))
+    if kind == "margin" and n_classes == 2:
+        return "accuracy", float(np.mean((outputs[:, 0] > 0) == (labels == 1)))
+    return None
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    nb = float(np.linalg.norm(b))
+    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float("nan")
+
+
+def merge_retention(model, outputs: Sequence, sets: Sequence[Sequence[Mapping]], vectors: Sequence[Mapping],
+                    merged_direction: Mapping, lambdas: Sequence[float], *, tasks: Sequence[str],
+                    data_paths: Sequence | None = None, batch_size: int = 32) -> dict:
+    """Predicted and measured per-task change of a merge.
+
+    model: the base model θ₀; outputs[A]: task A's output function; sets[A]: its examples; vectors[t]:
+    τ_t (tensor dicts); merged_direction: θ_m − θ₀; lambdas: fitted λ_t; tasks: one name per task.
+    Returns {"tasks": {name: {...}}, "lambdas": [...]}; every prediction sits beside its measurement.
+    """
+    from ..report.evaluate import Evaluator
+
+    T = len(tasks)
+    if not (len(outputs) == len(sets) == len(vectors) == T == len(lambdas)):
+        raise TaskvecError(f"need one output function, example set, task vector and λ per task; got "
+                           f"{len(outputs)}, {len(sets)}, {len(vectors)}, {len(lambdas)} for {T} tasks")
+    data_paths = list(data_paths) if data_paths is not None else [f"task {a}" for a in range(T)]
+    lam = np.asarray(lambdas, dtype=np.float64)
+    vecs = {t: dict(v) for t, v in zip(tasks, vectors)}
+    vecs[MERGED] = dict(merged_direction)
+    out = {}
+    for a, name in enumerate(tasks):
+        output, examples = outputs[a], list(sets[a])
+        labels = _encode_labels(output, examples, data_paths[a])
+        cols = [output] if output.m == 1 else [_Column(output, j) for j in range(output.m)]
+        evs = [Evaluator(model, c, {name: examples}, vecs, batch_size=batch_size) for c in cols]
+        stack = lambda fn: np.stack([fn(ev) for ev in evs], axis=1)  # noqa: E731  columns → [n, m]
+        f0 = stack(lambda ev: ev.f(name))
+        jtau = np.stack([stack(lambda ev, t=t: ev.jtau(name, t)) for t in tasks])  # [T, n, m]
+        meas = stack(lambda ev: ev.f(name, {MERGED: 1.0})) - f0
+        own_meas = stack(lambda ev: ev.f(name, {name: 1.0})) - f0
+        rec = predicted_retention({name: jtau}, lam, tasks=tasks, measured={name: meas})[name]
+        pred, own = rec["predicted_change"], jtau[a]
+        rest = meas - lam[a] * own_meas
+        rec.update({
+            "data": str(data_paths[a]), "n_examples": len(examples), "m": int(output.m),
+            "measured_change": meas, "own_predicted_change": own, "own_measured_change": own_meas,
+            "own_relative_error": _rel(own, own_meas),
+            "measured_retention_vs_finetune": float((meas * own_meas).sum() / (own_meas ** 2).sum())
+            if (own_meas ** 2).sum() > 0 else float("nan"),
+            "measured_interference": float(np.linalg.norm(rest) / max(np.linalg.norm(own_meas), 1e-300)),
+            "jtau_norms": [float(np.linalg.norm(j)) for j in jtau],
+        })
+        metric = {}
+        for key, value in (("base", f0), ("finetune_predicted", f0 + own), ("finetune_measured", f0 + own_meas),
+                           ("merged_predicted", f0 + pred), ("merged_measured", f0 + meas)):
+            got = task_metric(output.kind, value, labels, output.n_classes)
+            if got is None:
+                break
+            metric["name"], metric[key] = got
+        rec["metric"] = metric or None
+        out[name] = rec
+    return {"lambdas": lam.tolist(), "tasks": out}
+
+
+def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lambdas: Sequence[float], *,
+                         output: str, head=None, max_length: int | None = None, scope: str = "all",
+                         batch_size: int = 32, progress: bool = True) -> dict:
+    """`merge_retention` from model folders and JSONL files (what `taskvec check-merge --data` runs).
+
+    The head of task A (encoders): `head` when given, else the one saved beside fine-tune A, else the
+    one beside the base. τ_t and θ_m − θ₀ are taken over `scope` (the check's), so with the default
+    'all' the measured change is that of the merged model itself.
+    """
+    import torch
+
+    from ..io import sha256_file
+    from ..models import load_model, load_tokenizer
+    from ..outputs import LinearHead, make_output, read_head_beside
+    from ..vectors import TaskVector
+
+    finetunes, data = list(finetunes), list(data)
+    if len(data) != len(finetunes):
+        raise TaskvecError(f"--data gives {len(data)} JSONL file(s) but there are {len(finetunes)} fine-tunes; "
+                           "give one evaluation set per fine-tune, in the same order")
+    sets = read_task_data(data, output)
+    model = load_model(base, dtype=torch.float32)
+    tok = load_tokenizer(base)
+    fixed = LinearHead.load(head) if head is not None else None
+    base_head = read_head_beside(base)
+    outputs = [make_output(output, model, tok, head=fixed or read_head_beside(ft) or base_head, max_length=max_length)
+               for ft in finetunes]
+    vectors = [TaskVector.from_checkpoints(base, ft, scope=scope, progress=progress) for ft in finetunes]
+    delta = TaskVector.from_checkpoints(base, merged, scope=scope, progress=progress)
+    names = _task_names(finetunes)
+    res = merge_retention(model, outputs, sets, vectors, delta, lambdas, tasks=names, data_paths=data,
+                          batch_size=batch_size)
+    res.update({"output": outputs[0].describe(), "scope": scope,
+                "data": [{"path": str(p), "sha256": sha256_file(p)} for p in data],
+                "heads": [o.describe().get("head_sha") for o in outputs]})
+    return res
+
+
+def _task_names(finetunes: Sequence) -> list[str]:
+    names = [Path(str(f)).name or str(f) for f in finetunes]
+    return names if len(set(names)) == len(names) else [f"{a}:{n}" for a, n in enumerate(names)]
+
+
+def verdicts(retention: dict) -> list[dict]:
+    """One verdict line per task: predicted vs measured retention, interference and metric."""
+    out = []
+    for name, r in retention["tasks"].items():
+        err = r.get("relative_error", float("nan"))
+        level = "warning" if not err <= POOR_FIT else "ok"
+        msg = (f"retention predicted {r['predicted_retention']:.4g} / measured {r['measured_retention']:.4g} "
+               f"(vs fine-tune alone {r['measured_retention_vs_finetune']:.4g}); interference predicted "
+               f"{r['predicted_interference']:.4g} / measured {r['measured_interference']:.4g}; "
+               f"predicted change off by {100 * err:.3g}% (cosine {r['cosine']:.4f})")
+        m = r.get("metric")
+        if m:
+            msg += (f"; {m['name']} base {m['base']:.4g}, merged predicted {m['merged_predicted']:.4g} / "
+                    f"measured {m['merged_measured']:.4g}, fine-tune {m['finetune_measured']:.4g}")
+        if level == "warning":
+            msg += " — the kernel (linear) prediction does not hold for this merge"
+        out.append({"level": level, "finding": "retention", "task": name, "message": f"{name}: {msg}"})
+    return out
+
+
+def retention_figure(retention: dict, out_dir) -> list[Path]:
+    """Predicted vs measured change of every output, one panel per task (PNG + PDF)."""
+    import matplotlib.pyplot as plt
+
+    from ..plotting import DOUBLE_COLUMN_IN, PALETTE, SINGLE_COLUMN_IN, paper_style, save_figure
+
+    tasks = list(retention["tasks"])
+    with paper_style():
+        width = min(DOUBLE_COLUMN_IN, SINGLE_COLUMN_IN * 0.75 * len(tasks))
+        fig, axes = plt.subplots(1, len(tasks), figsize=(width, 2.4), squeeze=False)
+        for k, (ax, name) in enumerate(zip(axes[0], tasks)):
+            r = retention["tasks"][name]
+            x, y = np.ravel(r["measured_change"]), np.ravel(r["predicted_change"])
+            lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+            ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--")
+            ax.scatter(x, y, s=6, color=PALETTE[k % len(PALETTE)])
+            ax.set_title(f"{name}\nretention {r['predicted_retention']:.3g} / {r['measured_retention']:.3g}")
+            ax.set_xlabel("measured f(θ_m) − f(θ₀)")
+            if k == 0:
+                ax.set_ylabel("predicted Σλ_t Jτ_t")
+        return save_figure(fig, out_dir, "check_merge_retention")
