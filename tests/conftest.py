@@ -11,3 +11,16 @@ try:
     threadpool_limits(1, "blas")
 except ImportError:  # pragma: no cover
     pass
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest (and reproducibly) on one intra-op thread; restore afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--strategy", default="auto", choices=["auto", "exact", "recompute", "sketch"],
                    help="eNTK strategy (default: chosen from --memory-gb)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory budget for the kernel (default: from free RAM)")
-    p.add_argument("--eval-size", type=int, default=96, help="test/validation examples per task for arithmetic (default 96)")
+    p.add_argument("--eval-size", type=int, default=64, help="test/validation examples per task for the predictor and arithmetic stages (default 64)")
     p.add_argument("--kernel-train", type=int, default=None, help="cap on training points per task in the theory kernel")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

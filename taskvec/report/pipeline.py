@@ -39,7 +39,7 @@ class AnalyzeConfig:
     strategy: str = "auto"
     memory_gb: float | None = None
     kernel_train: int | None = None  # cap on training points in each task's theory kernel (None: all)
-    eval_size: int | None = 96  # test/validation examples per task for the arithmetic and predictor stages
+    eval_size: int | None = 64  # test/validation examples per task for the arithmetic and predictor stages
     addition_alphas: tuple = (0.2, 0.4, 0.6, 0.8, 1.0)
     linearisation_alphas: tuple = (0.25, 0.5, 1.0, 1.5, 2.0)
     disentanglement_grid: tuple = (0.0, 0.5, 1.0)
