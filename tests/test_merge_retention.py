@@ -130,6 +130,7 @@ def test_predicted_and_measured_change_match_brute_force(coll, capsys):
         assert r["measured_retention"] == pytest.approx(float((meas * own).sum() / (own ** 2).sum()), rel=1e-4)
         # at scale 1e-2 the fine-tunes leave the kernel regime: the prediction is visibly not the measurement
         assert r["relative_error"] > 1e-2
+        assert r["slope"] == pytest.approx(float((pred * meas).sum() / (pred ** 2).sum()), rel=1e-4)
         assert f"retention: {name}: retention predicted {r['predicted_retention']:.4g}" in printed
         m = r["metric"]
         assert m["name"] == "mse"
@@ -146,7 +147,7 @@ def test_small_perturbations_predicted_equals_measured(tmp_path):
     ret = retention_from_paths(base, merged, fts, data, [0.7, 0.4], output="regression", progress=False)
     for name, r in ret["tasks"].items():
         assert r["relative_error"] <= 1e-2 and r["own_relative_error"] <= 1e-2
-        assert r["cosine"] > 0.9999
+        assert r["cosine"] > 0.9999 and r["slope"] == pytest.approx(1.0, abs=2e-2) and r["spearman"] > 0.8
         assert r["measured_retention"] == pytest.approx(r["predicted_retention"], rel=1e-2)
         assert r["measured_interference"] == pytest.approx(r["predicted_interference"], rel=2e-2)
     assert [v["level"] for v in verdicts(ret)] == ["ok", "ok"]

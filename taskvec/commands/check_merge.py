@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g = p.add_argument_group("per-task retention (needs --data)")
     g.add_argument("--data", nargs="+", default=None, metavar="JSONL",
-                   help="one evaluation set per fine-tune, same order ({text, label} or {prompt, target} per line)")
+                   help="one evaluation set per fine-tune, same order ({text, label} or {prompt, target} per line); "
+                        "τ_t and θ_m − θ₀ are taken over --scope (default all: the merged model itself)")
     g.add_argument("--output", default=None, choices=OUTPUT_KINDS,
                    help="output function f(x; θ) (required with --data)")
     g.add_argument("--head", default=None, help="taskvec_head.safetensors (or its folder) for every task (default: "

@@ -88,15 +88,28 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / nb) if nb > 0 else float("nan")
 
 
+def agreement(pred: np.ndarray, meas: np.ndarray) -> dict:
+    """Slope of measured on predicted (1 = right size) and Spearman ρ over all outputs (DESIGN: never a
+    prediction alone)."""
+    from scipy.stats import spearmanr
+
+    p, m = np.ravel(pred), np.ravel(meas)
+    pp = float(p @ p)
+    rho = float(spearmanr(p, m).statistic) if p.size >= 3 and np.ptp(p) > 0 and np.ptp(m) > 0 else float("nan")
+    return {"slope": float(p @ m) / pp if pp > 0 else float("nan"), "spearman": rho}
+
+
 def merge_retention(model, outputs: Sequence, sets: Sequence[Sequence[Mapping]], vectors: Sequence[Mapping],
                     merged_direction: Mapping, lambdas: Sequence[float], *, tasks: Sequence[str],
-                    data_paths: Sequence | None = None, batch_size: int = 32) -> dict:
+                    data_paths: Sequence | None = None, batch_size: int = 32, progress: bool = False) -> dict:
     """Predicted and measured per-task change of a merge.
 
     model: the base model θ₀; outputs[A]: task A's output function; sets[A]: its examples; vectors[t]:
     τ_t (tensor dicts); merged_direction: θ_m − θ₀; lambdas: fitted λ_t; tasks: one name per task.
     Returns {"tasks": {name: {...}}, "lambdas": [...]}; every prediction sits beside its measurement.
     """
+    from tqdm.auto import tqdm
+
     from ..report.evaluate import Evaluator
 
     T = len(tasks)
@@ -108,7 +121,7 @@ def merge_retention(model, outputs: Sequence, sets: Sequence[Sequence[Mapping]],
     vecs = {t: dict(v) for t, v in zip(tasks, vectors)}
     vecs[MERGED] = dict(merged_direction)
     out = {}
-    for a, name in enumerate(tasks):
+    for a, name in enumerate(tqdm(tasks, desc="retention (f, J·τ per task)", unit="task", disable=not progress)):
         output, examples = outputs[a], list(sets[a])
         labels = _encode_labels(output, examples, data_paths[a])
         cols = [output] if output.m == 1 else [_Column(output, j) for j in range(output.m)]
@@ -129,6 +142,7 @@ def merge_retention(model, outputs: Sequence, sets: Sequence[Sequence[Mapping]],
             if (own_meas ** 2).sum() > 0 else float("nan"),
             "measured_interference": float(np.linalg.norm(rest) / max(np.linalg.norm(own_meas), 1e-300)),
             "jtau_norms": [float(np.linalg.norm(j)) for j in jtau],
+            **agreement(pred, meas),
         })
         metric = {}
         for key, value in (("base", f0), ("finetune_predicted", f0 + own), ("finetune_measured", f0 + own_meas),
@@ -167,13 +181,16 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
     tok = load_tokenizer(base)
     fixed = LinearHead.load(head) if head is not None else None
     base_head = read_head_beside(base)
-    outputs = [make_output(output, model, tok, head=fixed or read_head_beside(ft) or base_head, max_length=max_length)
-               for ft in finetunes]
+    outputs = []
+    for ft in finetunes:
+        own = fixed if fixed is not None else read_head_beside(ft)
+        outputs.append(make_output(output, model, tok, head=own if own is not None else base_head,
+                                   max_length=max_length))
     vectors = [TaskVector.from_checkpoints(base, ft, scope=scope, progress=progress) for ft in finetunes]
     delta = TaskVector.from_checkpoints(base, merged, scope=scope, progress=progress)
     names = _task_names(finetunes)
     res = merge_retention(model, outputs, sets, vectors, delta, lambdas, tasks=names, data_paths=data,
-                          batch_size=batch_size)
+                          batch_size=batch_size, progress=progress)
     res.update({"output": outputs[0].describe(), "scope": scope,
                 "data": [{"path": str(p), "sha256": sha256_file(p)} for p in data],
                 "heads": [o.describe().get("head_sha") for o in outputs]})
@@ -194,7 +211,7 @@ def verdicts(retention: dict) -> list[dict]:
         msg = (f"retention predicted {r['predicted_retention']:.4g} / measured {r['measured_retention']:.4g} "
                f"(vs fine-tune alone {r['measured_retention_vs_finetune']:.4g}); interference predicted "
                f"{r['predicted_interference']:.4g} / measured {r['measured_interference']:.4g}; "
-               f"predicted change off by {100 * err:.3g}% (cosine {r['cosine']:.4f})")
+               f"predicted change off by {100 * err:.3g}% (cosine {r['cosine']:.4f}, slope {r['slope']:.3g})")
         m = r.get("metric")
         if m:
             msg += (f"; {m['name']} base {m['base']:.4g}, merged predicted {m['merged_predicted']:.4g} / "
