@@ -185,3 +185,49 @@ def test_bad_data_input(coll, tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "d"), "--data", str(textual), str(data[1])]) == 2
     assert f"{textual}:1: regression label 'high' is not a number" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_causal_lm_logprob(tmp_path):
+    """logprob on a tiny GPT-2 (tied embeddings): the measured change equals a float64 forward pass of the
+    merged folder; the kernel prediction's error is second order (×4 when the fine-tunes move 4× further)."""
+    from transformers import GPT2LMHeadModel
+
+    from taskvec.merge import MergeParams, merge_checkpoints
+    from taskvec.outputs import encode_prompt_target
+
+    tok = tiny_tokenizer()
+    base = tiny_model("gpt2", seed=0)
+    save_hf(base, tmp_path / "base", tok)
+    rows = [[{"prompt": "what is 3 plus 4 ?", "target": " 7"}, {"prompt": "the movie was", "target": " wonderful"},
+             {"prompt": "calculate 6 times 7 .", "target": " 42"}],
+            [{"prompt": "the market", "target": " rose sharply"}, {"prompt": "worst purchase", "target": " ever"},
+             {"prompt": "i love this phone ,", "target": " battery lasts"}]]
+    data = [_jsonl(tmp_path / f"lm{t}.jsonl", r) for t, r in enumerate(rows)]
+
+    def logprob(folder, ex):
+        model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").double().eval()
+        ids, n_prompt = encode_prompt_target(tok, ex["prompt"], ex["target"])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+        return float(sum(logp[i - 1, ids[i]] for i in range(n_prompt, len(ids))))
+
+    errors = {}
+    for scale in (1e-4, 4e-4):
+        fts = [save_hf(perturbed(base, scale=scale, seed=60 + t), tmp_path / f"{scale}" / f"lm{t}") for t in range(2)]
+        merged = merge_checkpoints(tmp_path / "base", fts, "task_arithmetic", MergeParams(weights=(0.5, 0.8)),
+                                   tmp_path / f"{scale}" / "merged", progress=False)
+        ret = retention_from_paths(tmp_path / "base", merged, fts, data, [0.5, 0.8], output="logprob",
+                                   progress=False)
+        errors[scale] = np.array([r["relative_error"] for r in ret["tasks"].values()])
+        if scale != 1e-4:
+            continue
+        for t, r in enumerate(ret["tasks"].values()):
+            want = np.array([[logprob(merged, ex) - logprob(tmp_path / "base", ex)] for ex in rows[t]])
+            assert _rel(r["measured_change"], want) <= 1e-3  # f ~ -10 in float32, change ~ 1e-3
+            assert r["relative_error"] <= 2e-2 and r["cosine"] > 0.999
+            assert r["metric"]["name"] == "mean_logprob"
+            assert r["metric"]["base"] == pytest.approx(np.mean([logprob(tmp_path / "base", ex) for ex in rows[t]]),
+                                                        rel=1e-5)
+            assert r["metric"]["merged_measured"] - r["metric"]["base"] == pytest.approx(want.mean(), rel=1e-3)
+    ratio = errors[4e-4] / errors[1e-4]
+    assert np.all((ratio > 2.5) & (ratio < 6)), ratio
