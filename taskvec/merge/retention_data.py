@@ -225,6 +225,7 @@ def verdicts(retention: dict) -> list[dict]:
 def retention_figure(retention: dict, out_dir) -> list[Path]:
     """Predicted vs measured change of every output, one panel per task (PNG + PDF)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from ..plotting import DOUBLE_COLUMN_IN, PALETTE, SINGLE_COLUMN_IN, paper_style, save_figure
 
@@ -238,8 +239,10 @@ def retention_figure(retention: dict, out_dir) -> list[Path]:
             lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
             ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--")
             ax.scatter(x, y, s=6, color=PALETTE[k % len(PALETTE)])
-            ax.set_title(f"{name}\nretention {r['predicted_retention']:.3g} / {r['measured_retention']:.3g}")
-            ax.set_xlabel("measured f(θ_m) − f(θ₀)")
+            ax.set_title(f"{name}\nretention pred. {r['predicted_retention']:.3g} / meas. {r['measured_retention']:.3g}")
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.ticklabel_format(style="sci", scilimits=(-2, 3))
+            ax.set_xlabel("measured f(θ_m) − f(θ₀)", labelpad=8)
             if k == 0:
                 ax.set_ylabel("predicted Σλ_t Jτ_t")
         return save_figure(fig, out_dir, "check_merge_retention")
