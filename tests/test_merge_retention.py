@@ -231,3 +231,27 @@ def test_causal_lm_logprob(tmp_path):
             assert r["metric"]["merged_measured"] - r["metric"]["base"] == pytest.approx(want.mean(), rel=1e-3)
     ratio = errors[4e-4] / errors[1e-4]
     assert np.all((ratio > 2.5) & (ratio < 6)), ratio
+
+
+def test_pooler_left_out(tmp_path):
+    """A BERT saved with its pooler (as sentence-transformers models are): f mean-pools, so the pooler's
+    tensors are left out of J·τ and θ_m − θ₀ and listed, not an error."""
+    from tiny import tiny_config
+
+    from taskvec.merge import MergeParams, merge_checkpoints
+
+    torch.manual_seed(0)
+    cfg = tiny_config("bert")
+    cfg._attn_implementation = "eager"
+    base = BertModel(cfg).eval()  # with pooler
+    tok = tiny_tokenizer(kind="encoder")
+    save_hf(base, tmp_path / "base", tok)
+    LinearHead(32, 1, seed=3).save(tmp_path / "base")
+    fts = [save_hf(perturbed(base, scale=2e-4, seed=80 + t), tmp_path / f"ft{t}") for t in range(2)]
+    merged = merge_checkpoints(tmp_path / "base", fts, "task_arithmetic", MergeParams(weights=(0.5, 0.5)),
+                               tmp_path / "merged", progress=False)
+    data = [_jsonl(tmp_path / f"d{t}.jsonl", [{"text": CORPUS[t + i]} for i in range(3)]) for t in range(2)]
+    ret = retention_from_paths(tmp_path / "base", merged, fts, data, [0.5, 0.5], output="regression",
+                               progress=False)
+    assert ret["tensors_not_in_model"] == ["pooler.dense.bias", "pooler.dense.weight"]
+    assert all(r["relative_error"] <= 3e-2 and r["metric"] is None for r in ret["tasks"].values())

@@ -167,6 +167,7 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
     """
     import torch
 
+    from ..checkpoints import match_parameter_names
     from ..io import sha256_file
     from ..models import load_model, load_tokenizer
     from ..outputs import LinearHead, make_output, read_head_beside
@@ -188,10 +189,16 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
                                    max_length=max_length))
     vectors = [TaskVector.from_checkpoints(base, ft, scope=scope, progress=progress) for ft in finetunes]
     delta = TaskVector.from_checkpoints(base, merged, scope=scope, progress=progress)
+    # tensors f does not use (e.g. a BERT pooler: f mean-pools the last hidden state) are left out
+    all_keys = set(delta.keys()).union(*(v.keys() for v in vectors))
+    keep = match_parameter_names(all_keys, model, strict=False)
+    vectors, delta = ([{k: v for k, v in tv.items() if k in keep} for tv in vectors],
+                      {k: v for k, v in delta.items() if k in keep})
     names = _task_names(finetunes)
     res = merge_retention(model, outputs, sets, vectors, delta, lambdas, tasks=names, data_paths=data,
                           batch_size=batch_size, progress=progress)
     res.update({"output": outputs[0].describe(), "scope": scope,
+                "tensors_not_in_model": sorted(all_keys - set(keep)),
                 "data": [{"path": str(p), "sha256": sha256_file(p)} for p in data],
                 "heads": [o.describe().get("head_sha") for o in outputs]})
     return res
