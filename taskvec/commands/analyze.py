@@ -18,7 +18,9 @@ def add_parser(subparsers) -> None:
                    help="eNTK strategy (default: chosen from --memory-gb)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory budget for the kernel (default: from free RAM)")
     p.add_argument("--eval-size", type=int, default=64, help="test/validation examples per task for the predictor and arithmetic stages (default 64)")
-    p.add_argument("--kernel-train", type=int, default=None, help="cap on training points per task in the theory kernel")
+    p.add_argument("--kernel-train", type=int, default=None,
+                   help="cap on training points per task in the theory kernel (default: all; cost grows with it)")
+    p.add_argument("--probe-size", type=int, default=None, help="cap on each task's probe set (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -28,7 +30,8 @@ def run(args) -> int:
     from ..report import AnalyzeConfig, analyze
 
     cfg = AnalyzeConfig(scope=args.scope, strategy=args.strategy, memory_gb=args.memory_gb,
-                        eval_size=args.eval_size, kernel_train=args.kernel_train, progress=not args.no_progress)
+                        eval_size=args.eval_size, kernel_train=args.kernel_train,
+                        probe_size=args.probe_size, progress=not args.no_progress)
     analyze(args.collection, args.out, config=cfg, overwrite=args.overwrite)
     print(f"report: {args.out}/index.html")
     return 0

@@ -129,12 +129,12 @@ def rates(results):
     r = results.get("rates")
     if not r:
         return None
-    n = np.asarray(r["n"], float)
     fig, ax = plt.subplots(figsize=(SINGLE_COLUMN_IN, 2.6))
     for c, key, slope_key, label in ((PALETTE[0], "measured_test", "measured", "fine-tune (measured)"),
                                      (PALETTE[1], "kernel_gd_test", "kernel_gd", "kernel GD at T̂"),
                                      (PALETTE[2], "predicted_eps2", "nonparametric", "R²ε̂_n² (predicted)")):
         v = np.asarray(r[key], float)
+        n = np.asarray(r["n"] if key == "measured_test" else r.get("kernel_n", r["n"]), float)
         slope = (r.get(slope_key) or {}).get("slope")
         ax.loglog(n, v, "o-", color=c, ms=3, label=f"{label}, slope {slope:.2f}" if slope is not None else label)
     ax.set_xlabel("training examples n")

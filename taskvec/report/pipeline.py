@@ -39,6 +39,7 @@ class AnalyzeConfig:
     strategy: str = "auto"
     memory_gb: float | None = None
     kernel_train: int | None = None  # cap on training points in each task's theory kernel (None: all)
+    probe_size: int | None = None  # cap on each task's probe set (None: all)
     eval_size: int | None = 64  # test/validation examples per task for the arithmetic and predictor stages
     addition_alphas: tuple = (0.2, 0.4, 0.6, 0.8, 1.0)
     linearisation_alphas: tuple = (0.25, 0.5, 1.0, 1.5, 2.0)
@@ -227,7 +228,7 @@ def theory_for_task(K: np.ndarray, n_train: int, r_train: np.ndarray, r_test: np
     sens = theory.sensitivity(mu, sigma, R, stable_alpha)
     # kernel predictors from θ₀ on the same points, with the optimiser's kernel step (capped for stability)
     epochs_seen = [ck.epoch for ck in run.checkpoints]
-    spe = n_train / batch_size
+    spe = run.n_train / batch_size  # optimiser steps per epoch of the real run (T̂ counts steps)
     max_steps = int(np.ceil(max(max(epochs_seen) * spe * alpha / stable_alpha, (es["T_hat"] or 1) * 3, 10)))
     path = theory.kernel_gd_path(K_tr, r_train, step=stable_alpha, max_steps=max_steps,
                                  K_test_train=K_te, test_targets=r_test)
@@ -242,7 +243,9 @@ def theory_for_task(K: np.ndarray, n_train: int, r_train: np.ndarray, r_test: np
     gcv = int(np.argmin(ridge["gcv"]))
     best_ck = best or run.checkpoints[-1]
     return {
-        "n_train": n_train, "n_test": int(K.shape[0] - n_train),
+        "n_train": n_train, "n_test": int(K.shape[0] - n_train), "n_train_run": run.n_train,
+        "note": ("spectrum, σ̂ and R̂ from the eNTK of the first n_train training examples; T̂ counts kernel-GD "
+                 "steps = optimiser steps, converted to epochs with the run's own n_train_run / batch size"),
         "spectrum_fit": fit, "eigenvalues": mu,
         "sigma": sigma, "sigma_estimator": sig, "sigma_spectral_tail": sig_tail,
         "radius": R, "radius_estimator": rad,
@@ -302,24 +305,27 @@ def stage_rates(col, theory_out: dict, kernels: dict, model, output, data, cfg) 
     primary = runs[0].record["primary_metric"]
     ns = [r.n_train for r in runs]
     measured = [(r.best("validation") or r.checkpoints[-1]).metrics["test"][primary] for r in runs]
-    train = data[task].split("train")
+    train = data[task].split("train")[: cfg.kernel_train or None]
     test = data[task].split("test")[: cfg.eval_size or None]
-    n_max = max(ns)
-    key = (task, n_max)
+    n_k = len(train)
+    key = (task, n_k)
     if key not in kernels:
-        kernels[key] = _kernel_for(model, output, train[:n_max] + test, cfg)
+        kernels[key] = _kernel_for(model, output, train + test, cfg)
     K = kernels[key].K
-    f0 = outputs_at(model, output, train[:n_max] + test, batch_size=cfg.batch_size)[:, 0].numpy()
-    r = _labels(train[:n_max] + test) - f0
-    # σ and R from the largest subset, held fixed across n (the theory's f* and noise do not depend on n)
-    sigma = theory.sigma_krr(K[:n_max, :n_max], r[:n_max])["sigma"]
-    R = theory.rkhs_radius(K[:n_max, :n_max], r[:n_max])["radius"]
-    kgd = rates.kernel_gd_rates(K, r, ns, np.arange(n_max, K.shape[0]), sigma, radius=R,
-                                train_order=np.arange(n_max))
+    f0 = outputs_at(model, output, train + test, batch_size=cfg.batch_size)[:, 0].numpy()
+    r = _labels(train + test) - f0
+    # kernel GD on the eNTK at the nested sizes its kernel covers; σ and R from the largest, held fixed
+    kn = [n for n in ns if n <= n_k]
+    if len(kn) < 2:
+        kn = sorted({max(2, n_k // 4), max(2, n_k // 2), n_k})
+    sigma = theory.sigma_krr(K[:n_k, :n_k], r[:n_k])["sigma"]
+    R = theory.rkhs_radius(K[:n_k, :n_k], r[:n_k])["radius"]
+    kgd = rates.kernel_gd_rates(K, r, kn, np.arange(n_k, K.shape[0]), sigma, radius=R,
+                                train_order=np.arange(n_k))
     fit = theory_out.get(task, {}).get("spectrum_fit")
     predicted = rates.predicted_rate(fit["power"]) if fit else None
     meas = rates.measured_rate(ns, measured)
-    return {"task": task, "n": ns, "metric": primary, "sigma": sigma, "radius": R,
+    return {"task": task, "n": ns, "kernel_n": kn, "metric": primary, "sigma": sigma, "radius": R,
             "measured_test": measured, "measured": meas,
             "kernel_gd_test": [row["test_mse_at_T_hat"] for row in kgd["rows"]], "kernel_gd": kgd["measured"],
             "kernel_gd_rows": kgd["rows"],
@@ -438,7 +444,7 @@ def analyze(collection, out, *, config: AnalyzeConfig | None = None, overwrite: 
     cap = cfg.eval_size or None
     sets = {}
     for t in col.tasks:
-        sets[f"{t}/probe"] = data[t].split("probe")
+        sets[f"{t}/probe"] = data[t].split("probe")[: cfg.probe_size or None]
         sets[f"{t}/test"] = data[t].split("test")[:cap]
         sets[f"{t}/validation"] = data[t].split("validation")[:cap]
     ev = Evaluator(model, output, sets, vectors, batch_size=cfg.batch_size)
