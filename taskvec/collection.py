@@ -302,7 +302,13 @@ class Collection:
         if not path.is_file():
             raise TaskvecError(f"{self.root} is not a finished collection (no collection.json); build it with "
                                "`taskvec finetune CONFIG --out DIR` (a rerun resumes)")
-        self.meta = json.loads(path.read_text())
+        try:
+            self.meta = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TaskvecError(f"{path}: not valid JSON ({exc}); the collection is damaged — rerun "
+                               "`taskvec finetune` into a new folder") from None
+        if not isinstance(self.meta, dict):
+            raise TaskvecError(f"{path}: expected a JSON object; this is not a taskvec collection")
         if self.meta.get("format") != FORMAT or not self.meta.get("complete"):
             raise TaskvecError(f"{path}: not a complete {FORMAT} collection; rerun `taskvec finetune` to finish it")
 

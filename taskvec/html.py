@@ -8,14 +8,19 @@ from pathlib import Path
 from typing import Any
 
 
-def _fmt(v: Any) -> str:
+def fmt_number(v: Any) -> str:
+    """Numbers for tables: 4 significant digits, scientific outside [1e-3, 1e4); None as a dash."""
     if v is None:
         return "—"
     if isinstance(v, float):
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
             return f"{v:.3e}"
         return f"{v:.4g}"
-    return html.escape(str(v))
+    return str(v)
+
+
+def _fmt(v: Any) -> str:
+    return html.escape(fmt_number(v))
 
 
 def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -16,8 +16,13 @@ def read_jsonl(path, *, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise TaskvecError(f"{path}: probe-set file not found")
     rows: list[dict] = []
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise TaskvecError(f"{path}:{line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
+    if True:
+        for lineno, line in enumerate(text.splitlines(keepends=True), 1):
             if not line.strip():
                 raise TaskvecError(f"{path}:{lineno}: empty line; every line must hold one JSON object "
                                    f"(remove blank lines)")

@@ -55,7 +55,8 @@ def plot_layer_norms(data: dict):
     for ax, yl in zip(axes, ("‖τ‖₂", "‖τ‖₂ / ‖θ₀‖₂")):
         ax.set_xticks(x, labels, rotation=90 if len(groups) > 16 else 0)
         ax.set_ylabel(yl)
-        ax.set_yscale("log")
+        if any(np.isfinite(np.asarray(line.get_ydata(), float)).any() for line in ax.get_lines()):
+            ax.set_yscale("log")  # an all-zero τ (fine-tune identical to the base) stays on a linear axis
     fig.supxlabel("layer (block index; embeddings and final norm/head outside the blocks)", fontsize=8)
     axes[0].legend(frameon=False, ncol=1 if len(data["tasks"]) < 5 else 2)
     fig.suptitle("Task-vector norm per layer", fontsize=8)

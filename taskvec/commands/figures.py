@@ -31,8 +31,8 @@ def run(args) -> int:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise TaskvecError(f"{path} is not valid JSON ({exc}); was the report interrupted?") from None
-    if results.get("format") != "taskvec-results-v1":
-        raise TaskvecError(f"{path} is not a taskvec results file (format {results.get('format')!r})")
+    if not isinstance(results, dict) or results.get("format") != "taskvec-results-v1":
+        raise TaskvecError(f"{path} is not a taskvec results file written by `taskvec analyze`")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     done = render_figures(results, args.out, formats=(args.format,), style=args.style)
     for f in done:

@@ -58,9 +58,12 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise TaskvecError(f"{what} file {path} does not exist")
     try:
-        return np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise TaskvecError(f"{what} file {path} is not a readable .npy array ({exc}); save it with numpy.save") from None
+    if not np.issubdtype(arr.dtype, np.number):
+        raise TaskvecError(f"{what} file {path} holds {arr.dtype} values, not numbers; save a numeric array")
+    return arr
 
 
 def _kernel_predictors(K: np.ndarray, r: np.ndarray, sigma: float, radius: float, holdout: float, seed: int) -> dict:

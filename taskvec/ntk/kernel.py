@@ -379,6 +379,7 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
         else:
             K, extra = runner.sketch(pl, sketch, seed, check)
         K = _unpermute(K, _row_order(probe.order, rows_per_ex))
+        K = 0.5 * (K + K.T)  # float32 row blocks are symmetric only to round-off; make K exactly symmetric
         vals, vecs, spec_info = spectrum(K, n)
         if top_k:
             vals, vecs = vals[:top_k], vecs[:, :top_k]
