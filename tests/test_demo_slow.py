@@ -21,7 +21,7 @@ def test_default_demo_report_has_every_item(tmp_path, monkeypatch):
         for v in (th["predicted_epochs"], th["measured_best_epoch"], th["kernel_gd"]["test_mse_at_T_hat"],
                   th["kernel_ridge"]["test_mse_gcv"], th["finetune"]["best_epoch_test_mse"], th["sigma"], th["radius"]):
             assert v is not None and math.isfinite(v), t
-        assert res["projection"][t]["control"]["cumulative_energy"]
+        assert res["projection"][t]["control"]["cumulative"]
     assert res["rates"]["measured"]["slope"] is not None
     assert res["arithmetic"]["interference"]["spearman_delta"]["rho"] is not None
     assert (tmp_path / "demo" / "index.html").is_file()

@@ -160,7 +160,11 @@ def test_linearisation_and_interference_match_direct(built):
 
 
 def test_rates_and_predictions_beside_measurements(built):
+    from taskvec.report.render import headline_rows
+
     _, res = built
+    for row in headline_rows(res):  # every headline cell is filled from results.json
+        assert all(v is not None for v in row.values()), row
     r = res["rates"]
     assert r["n"] == [6, 9, 12]
     slope = np.polyfit(np.log(r["n"]), np.log(r["measured_test"]), 1)[0]

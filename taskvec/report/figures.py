@@ -62,7 +62,7 @@ def energy_profiles(results):
     fig, ax = plt.subplots(figsize=(SINGLE_COLUMN_IN, 2.6))
     for c, t in zip(PALETTE, _tasks(results)):
         for key, style in (("task_vector", "-"), ("control", ":")):
-            prof = pr[t][key].get("cumulative_energy")
+            prof = pr[t][key].get("cumulative")
             if prof is None:
                 continue
             prof = np.asarray(prof, float)

@@ -39,10 +39,10 @@ def headline_rows(results: dict) -> list[dict]:
 
 
 def _top(proj: dict, k: int):
-    cum = proj.get("cumulative_energy")
-    if not cum:
+    cum = proj.get("cumulative")
+    if cum is None or len(cum) == 0:
         return None
-    return cum[min(k, len(cum)) - 1]
+    return float(cum[min(k, len(cum)) - 1])
 
 
 def rate_rows(results: dict) -> list[dict]:
@@ -69,7 +69,7 @@ def arithmetic_rows(results: dict) -> list[dict]:
             rows.append({"merge": "+".join(r["tasks"]), "task": t, "α (chosen on val.)": r["alpha_measured"],
                          "α (linearised choice)": r["alpha_predicted"], "test MSE measured": x["measured"],
                          "test MSE predicted": x["predicted"], "rel. error": _rel(x["predicted"], x["measured"]),
-                         "single-task fine-tune": x["single_task_finetune"]})
+                         "single-task fine-tune (same examples)": x["single_task_finetune"]})
     return rows
 
 
