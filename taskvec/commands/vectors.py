@@ -38,11 +38,16 @@ def run(args) -> int:
     import numpy as np
     import torch
 
+    from pathlib import Path
+
     from ..errors import TaskvecError
     from ..io import atomic_dir, atomic_path, atomic_write_json
     from ..vector_stats import collection_stats
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise TaskvecError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     try:
         ks = _floats(args.top_k)
     except ValueError:
