@@ -51,6 +51,10 @@ def _summary(p: dict) -> dict:
 
 
 def run(args) -> int:
+    if args.controls < 0:
+        from ..errors import TaskvecError
+
+        raise TaskvecError(f"--controls must be 0 or more (got {args.controls})")
     import numpy as np
     import torch
 

@@ -323,6 +323,8 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
     """
     if strategy not in STRATEGIES:
         raise TaskvecError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    if sketch_dim is not None and sketch_dim < 1:
+        raise TaskvecError(f"--sketch-dim must be a positive integer (got {sketch_dim})")
     if mode not in ("trace", "block"):
         raise TaskvecError(f"unknown kernel mode {mode!r}; choose 'trace' or 'block'")
     if output.model is not model:
