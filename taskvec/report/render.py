@@ -34,6 +34,8 @@ def headline_rows(results: dict) -> list[dict]:
             "decay β": ((r.get("spectrum_fit") or {}).get("power") or {}).get("rate"),
             "top-10 energy τ": _top(tv, 10),
             "top-10 energy control": _top(ctrl, 10),
+            "top-10 energy τ, constant out": _top(tv.get("without_constant") or {}, 10),
+            "top-10 energy control, constant out": _top(ctrl.get("without_constant") or {}, 10),
         })
     return rows
 
