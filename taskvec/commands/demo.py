@@ -39,7 +39,9 @@ def run(args) -> int:
     col = build_collection(cfg, col_dir, progress=progress, device=args.device)
     # sized for a 2-core CPU: theory kernels on 128 training + 64 test points per task, 32 probes per task
     acfg = AnalyzeConfig(progress=progress, device=args.device, kernel_train=128, probe_size=32, eval_size=64)
-    key = content_hash(sha256_file(col.root / "collection.json"), acfg.cache_key())
+    from .. import __version__
+
+    key = content_hash(sha256_file(col.root / "collection.json"), acfg.cache_key(), __version__)
     cached = cache_dir() / "reports" / f"{args.preset}-{key}"
     if not (cached / "results.json").is_file():
         analyze(col.root, cached, config=acfg, overwrite=True)
