@@ -29,6 +29,7 @@ from torch import nn
 from .collection import FORMAT, CollectionConfig, TrainConfig, resolve_base
 from .errors import TaskvecError
 from .io import atomic_dir, atomic_write_json, atomic_write_text, sha256_file, to_json
+from .outputs import pad_token_ids
 
 STATE_FILE = "training_state.pt"
 CHECKPOINT_FILE = "taskvec_checkpoint.json"
@@ -41,16 +42,6 @@ def _tqdm(iterable=None, **kw):
 
 
 # ----------------------------------------------------------------------------- batching
-
-def _pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
 
 class Batcher:
     """Encodes examples into the batch dicts `OutputFunction` takes.
@@ -77,7 +68,7 @@ class Batcher:
         if not self.text:
             out = self.output.encode([self.examples[i] for i in idx])
         else:
-            ids, mask = _pad([self.ids[i] for i in idx], self.pad)
+            ids, mask = pad_token_ids([self.ids[i] for i in idx], self.pad)
             out = {"input_ids": ids, "attention_mask": mask,
                    "label": torch.tensor([self.labels[i] for i in idx], dtype=torch.float64)}
         if self.device.type != "cpu":
@@ -435,7 +426,7 @@ def build_collection(config: CollectionConfig | str | os.PathLike, out: str | os
     import json
 
     from .collection import Collection
-    from .models import detect_kind, load_model, load_tokenizer
+    from .models import load_model, load_tokenizer
 
     cfg = config if isinstance(config, CollectionConfig) else CollectionConfig.from_file(config)
     out = Path(out)

@@ -159,7 +159,8 @@ def encode_prompt_target(tokenizer, prompt: str, target: str) -> tuple[list[int]
     return list(p_ids) + list(t_ids), len(p_ids)
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_token_ids(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (ids, attention mask); shared with fine-tuning's Batcher."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -249,7 +250,7 @@ class OutputFunction:
             extra["stop"].append(stop)
             extra["label"].append(label)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids, mask = _pad(seqs, pad)
+        ids, mask = pad_token_ids(seqs, pad)
         batch = {"input_ids": ids, "attention_mask": mask,
                  "label": torch.tensor(extra["label"], dtype=torch.float64)}
         L = ids.shape[1]

@@ -15,9 +15,9 @@ except ImportError:  # pragma: no cover
 import pytest  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
-    """Tiny models run fastest (and reproducibly) on one intra-op thread; restore afterwards."""
+    """Tiny models run fastest (and reproducibly) on one intra-op thread — for module fixtures too."""
     import torch
 
     before = torch.get_num_threads()

@@ -13,16 +13,6 @@ from taskvec.checkpoints import align, canonical_name, match_parameter_names, op
 from taskvec.errors import TaskvecError
 from tiny import ARCHS, save_hf, tiny_model
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One BLAS/torch thread: these tensors are tiny, and multi-threaded kernels stall on a busy machine."""
-    from threadpoolctl import threadpool_limits
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(prev)
 
 
 

@@ -12,13 +12,6 @@ from taskvec.models import context_length, detect_kind, load_model, load_tokeniz
 from tiny import save_hf, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP spin-waiting makes 32-wide ops 50x slower on a busy box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _all_dropout_off(model):

@@ -21,10 +21,6 @@ PAIRS = [{"prompt": "what is 3 plus 4 ?", "target": " 7"},
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _jsonl(path, rows):

@@ -9,13 +9,6 @@ from taskvec.outputs import HEAD_FILE, EncoderRegressor, LinearHead, encode_prom
 from tiny import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP spin-waiting makes 32-wide ops 50x slower on a busy box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PAIRS = [{"prompt": "what is 3 plus 4 ?", "target": " 7"},
          {"prompt": "the", "target": " movie was wonderful"},

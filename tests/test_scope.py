@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from taskvec.errors import TaskvecError
 from taskvec.scope import PRESETS, describe_scopes, group_of, layer_of, resolve_scope
 from tiny import ARCHS, tiny_model
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One BLAS/torch thread: these tensors are tiny, and multi-threaded kernels stall on a busy machine."""
-    from threadpoolctl import threadpool_limits
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(prev)
 
 
 

@@ -18,16 +18,6 @@ from tiny import save_hf, tiny_model
 
 KS = (1.0, 10.0, 50.0)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One BLAS/torch thread: these tensors are tiny, and multi-threaded kernels stall on a busy machine."""
-    from threadpoolctl import threadpool_limits
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(prev)
 
 
 

@@ -18,7 +18,7 @@ import datetime as _dt
 import itertools
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -203,6 +203,16 @@ def _kernel_for(model, output, examples, cfg):
                           memory_gb=cfg.memory_gb, progress=cfg.progress)
 
 
+def _kernel_and_f0(memo: dict, key, model, output, examples, cfg):
+    """The eNTK and f(θ₀) on `examples`, computed once per (task, n) and shared by the theory and rate stages."""
+    if key not in memo:
+        from ..ntk.jvp import outputs_at
+
+        f0 = outputs_at(model, output, examples, batch_size=cfg.batch_size)[:, 0].numpy()
+        memo[key] = (_kernel_for(model, output, examples, cfg), f0)
+    return memo[key]
+
+
 def _labels(examples) -> np.ndarray:
     """Regression targets of examples."""
     return np.array([float(e["label"]) for e in examples])
@@ -214,11 +224,12 @@ def theory_for_task(K: np.ndarray, n_train: int, r_train: np.ndarray, r_test: np
     from .. import theory
 
     K_tr, K_te = K[:n_train, :n_train], K[n_train:, :n_train]
-    mu = np.clip(np.linalg.eigvalsh(K_tr / n_train)[::-1], 0, None)
+    eig = theory.eig_normalised(K_tr)  # one eigendecomposition (ascending) shared by every estimator below
+    mu = eig[0][::-1].copy()
     fit = {k: (v.to_dict() if hasattr(v, 'to_dict') else v) for k, v in theory.fit_spectrum(mu).items()}
-    sig = theory.sigma_krr(K_tr, r_train)
-    sig_tail = theory.sigma_spectral_tail(K_tr, r_train)
-    rad = theory.rkhs_radius(K_tr, r_train)
+    sig = theory.sigma_krr(K_tr, r_train, eig=eig)
+    sig_tail = theory.sigma_spectral_tail(K_tr, r_train, eig=eig)
+    rad = theory.rkhs_radius(K_tr, r_train, eig=eig)
     sigma, R = sig["sigma"], rad["radius"]
     tr = theory.translate_to_training(mu, sigma, lr=lr, batch_size=batch_size, n=n_train, radius=R,
                                       loss="mean", optimizer=optimizer)
@@ -231,9 +242,9 @@ def theory_for_task(K: np.ndarray, n_train: int, r_train: np.ndarray, r_test: np
     spe = run.n_train / batch_size  # optimiser steps per epoch of the real run (T̂ counts steps)
     max_steps = int(np.ceil(max(max(epochs_seen) * spe * alpha / stable_alpha, (es["T_hat"] or 1) * 3, 10)))
     path = theory.kernel_gd_path(K_tr, r_train, step=stable_alpha, max_steps=max_steps,
-                                 K_test_train=K_te, test_targets=r_test)
+                                 K_test_train=K_te, test_targets=r_test, eig=eig)
     ridge = theory.kernel_ridge_path(K_tr, r_train, np.logspace(-8, 2, 41) * max(mu[0], 1e-30),
-                                     K_test_train=K_te, test_targets=r_test)
+                                     K_test_train=K_te, test_targets=r_test, eig=eig)
     t_hat = es["T_hat"] or 0
     kgd_at_T = float(np.interp(t_hat, path["t"], path["test_mse"]))
     primary = run.record["primary_metric"]
@@ -267,18 +278,12 @@ def theory_for_task(K: np.ndarray, n_train: int, r_train: np.ndarray, r_test: np
 
 
 def stage_theory(col, model, output, data: dict, cfg: AnalyzeConfig, kernels: dict) -> dict:
-    from ..ntk.jvp import outputs_at
-
     out = {}
     for t in col.tasks:
         run = col.run(t)
         train = data[t].split("train")[: cfg.kernel_train or None]
         test = data[t].split("test")[: cfg.eval_size or None]
-        key = (t, len(train))
-        if key not in kernels:
-            kernels[key] = _kernel_for(model, output, train + test, cfg)
-        res = kernels[key]
-        f0 = outputs_at(model, output, train + test, batch_size=cfg.batch_size)[:, 0].numpy()
+        res, f0 = _kernel_and_f0(kernels, (t, len(train)), model, output, train + test, cfg)
         y = _labels(train + test)
         r = y - f0
         n = len(train)
@@ -295,7 +300,6 @@ def stage_rates(col, theory_out: dict, kernels: dict, model, output, data, cfg) 
     """Measured test-error exponent in n (nested fine-tunes; kernel GD on the eNTK) next to the
     predicted one (decay fit β/(β+1); non-parametric ε̂_n² of the nested spectra)."""
     from .. import theory
-    from ..ntk.jvp import outputs_at
     from ..theory import rates
 
     runs = col.rate_runs()
@@ -308,18 +312,16 @@ def stage_rates(col, theory_out: dict, kernels: dict, model, output, data, cfg) 
     train = data[task].split("train")[: cfg.kernel_train or None]
     test = data[task].split("test")[: cfg.eval_size or None]
     n_k = len(train)
-    key = (task, n_k)
-    if key not in kernels:
-        kernels[key] = _kernel_for(model, output, train + test, cfg)
-    K = kernels[key].K
-    f0 = outputs_at(model, output, train + test, batch_size=cfg.batch_size)[:, 0].numpy()
+    res, f0 = _kernel_and_f0(kernels, (task, n_k), model, output, train + test, cfg)
+    K = res.K
     r = _labels(train + test) - f0
     # kernel GD on the eNTK at the nested sizes its kernel covers; σ and R from the largest, held fixed
     kn = [n for n in ns if n <= n_k]
     if len(kn) < 2:
         kn = sorted({max(2, n_k // 4), max(2, n_k // 2), n_k})
-    sigma = theory.sigma_krr(K[:n_k, :n_k], r[:n_k])["sigma"]
-    R = theory.rkhs_radius(K[:n_k, :n_k], r[:n_k])["radius"]
+    eig = theory.eig_normalised(K[:n_k, :n_k])
+    sigma = theory.sigma_krr(K[:n_k, :n_k], r[:n_k], eig=eig)["sigma"]
+    R = theory.rkhs_radius(K[:n_k, :n_k], r[:n_k], eig=eig)["radius"]
     kgd = rates.kernel_gd_rates(K, r, kn, np.arange(n_k, K.shape[0]), sigma, radius=R,
                                 train_order=np.arange(n_k))
     fit = theory_out.get(task, {}).get("spectrum_fit")
