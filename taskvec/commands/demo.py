@@ -31,6 +31,12 @@ def run(args) -> int:
     from ..report import AnalyzeConfig, analyze
     from ..report.render import headline_rows, markdown_table, rate_rows, summary_rows
 
+    from ..errors import TaskvecError
+
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "results.json").is_file())):
+        raise TaskvecError(f"{out} exists and is not an earlier taskvec report; choose another --out "
+                           "(the demo replaces only its own report folders)")
     t0 = time.perf_counter()
     progress = not args.no_progress
     cfg = preset_config(args.preset)
@@ -45,7 +51,6 @@ def run(args) -> int:
     cached = cache_dir() / "reports" / f"{args.preset}-{key}"
     if not (cached / "results.json").is_file():
         analyze(col.root, cached, config=acfg, overwrite=True)
-    out = Path(args.out)
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copytree(cached, tmp, dirs_exist_ok=True)
     import json

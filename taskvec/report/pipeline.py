@@ -51,6 +51,12 @@ class AnalyzeConfig:
     device: str = "cpu"
     progress: bool = True
 
+    def __post_init__(self):
+        for name in ("kernel_train", "probe_size", "eval_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise TaskvecError(f"--{name.replace('_', '-')} must be a positive integer (got {v!r})")
+
     def cache_key(self) -> dict:
         """The settings that change results (not progress display)."""
         d = asdict(self)
@@ -421,6 +427,8 @@ def analyze(collection, out, *, config: AnalyzeConfig | None = None, overwrite: 
 
     cfg = config or AnalyzeConfig()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TaskvecError(f"{out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TaskvecError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     timings: dict[str, float] = {}
