@@ -41,6 +41,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,19 @@ class Collection:
     @property
     def tasks(self) -> list[str]:
         return list(self.meta["tasks"])
+
+    @property
+    def train_scope(self) -> str:
+        """The checkpoint-layer scope the fine-tunes moved: what `analyze` takes task vectors and kernels over
+        (full → all; LoRA → its target projections' weights)."""
+        train = self.meta["config"]["train"]
+        scope = train.get("scope", "body")
+        if scope == "full":
+            return "all"
+        if scope == "lora":
+            targets = [re.escape(t) for t in train.get("lora_targets") or []]
+            return r"(?:^|\.)(?:" + "|".join(targets) + r")\.weight$" if targets else "attention"
+        return scope
 
     def task_data(self, name: str):
         """The exact examples used, as a `taskvec.data.Task` (read from data/<task>/*.jsonl)."""

@@ -109,7 +109,8 @@ class TaskVector:
                                    f"adapts ({', '.join(list(al.pairs)[:3])}); widen the scope (e.g. --scope all)")
         tensors = {}
         missing = [n for n in names if n not in al.pairs]
-        for name in tqdm(names, desc=f"τ {Path(ft.source).name}", unit="tensor", disable=not progress, leave=False):
+        label = "/".join(Path(ft.source).parts[-2:])  # e.g. "movies/epoch-3": a collection's run and checkpoint
+        for name in tqdm(names, desc=f"τ {label}", unit="tensor", disable=not progress, leave=False):
             if name in al.pairs:
                 tensors[name] = _delta(base, ft, al, name, dtype)
         meta = {"base": base.source, "ft": ft.source, "scope": scope if isinstance(scope, str) else "list",

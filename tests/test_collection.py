@@ -60,3 +60,24 @@ def test_cli_print_preset_roundtrips_and_errors(tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "m.toml")]) == 2
     assert main(["finetune", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("train, expected", [
+    ({"scope": "full"}, "all"),
+    ({"scope": "attention"}, "attention"),
+    ({"scope": "lora", "lora_targets": ["q_proj", "v_proj"]}, r"(?:^|\.)(?:q_proj|v_proj)\.weight$"),
+    ({"scope": "lora"}, "attention"),
+])
+def test_train_scope_is_what_analysis_reads(tmp_path, train, expected):
+    import re
+
+    from taskvec.collection import FORMAT, Collection
+
+    (tmp_path / "collection.json").write_text(json.dumps({"format": FORMAT, "complete": True,
+                                                          "config": {"train": train}}))
+    scope = Collection(tmp_path).train_scope
+    assert scope == expected
+    if train["scope"] == "lora" and "lora_targets" in train:
+        assert re.search(scope, "model.layers.0.self_attn.q_proj.weight")
+        assert not re.search(scope, "model.layers.0.self_attn.k_proj.weight")
+        assert not re.search(scope, "model.layers.0.self_attn.q_proj.bias")

@@ -73,6 +73,7 @@ def test_report_folder_is_complete(built):
         assert (rep / f"{name}.pdf").is_file(), name
         assert f"{name}.png" in html
     assert res["tasks"] == ["tweets", "amazon", "nyt"]
+    assert res["config"]["scope"] == "body"  # no --scope: the scope the collection was fine-tuned on
     assert not list(root.glob(".rep.partial-*"))
     for t in res["tasks"]:
         th = res["theory"][t]

@@ -13,7 +13,9 @@ def add_parser(subparsers) -> None:
                     "DIR/results.json, figures (PNG+PDF) and DIR/index.html atomically.")
     p.add_argument("collection", help="collection folder built by `taskvec finetune`")
     p.add_argument("--out", required=True, help="report folder to write")
-    p.add_argument("--scope", default="body", help="parameter scope of the kernel and task vectors (default: body)")
+    p.add_argument("--scope", default=None,
+                   help="parameter scope of the kernel and task vectors (default: the scope the collection was "
+                        "fine-tuned on)")
     p.add_argument("--strategy", default="auto", choices=["auto", "exact", "recompute", "sketch"],
                    help="eNTK strategy (default: chosen from --memory-gb)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory budget for the kernel (default: from free RAM)")
@@ -21,6 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kernel-train", type=int, default=None,
                    help="cap on training points per task in the theory kernel (default: all; cost grows with it)")
     p.add_argument("--probe-size", type=int, default=None, help="cap on each task's probe set (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -31,7 +34,7 @@ def run(args) -> int:
 
     cfg = AnalyzeConfig(scope=args.scope, strategy=args.strategy, memory_gb=args.memory_gb,
                         eval_size=args.eval_size, kernel_train=args.kernel_train,
-                        probe_size=args.probe_size, progress=not args.no_progress)
+                        probe_size=args.probe_size, device=args.device, progress=not args.no_progress)
     analyze(args.collection, args.out, config=cfg, overwrite=args.overwrite)
     print(f"report: {args.out}/index.html")
     return 0

@@ -18,7 +18,7 @@ import datetime as _dt
 import itertools
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +35,7 @@ from .evaluate import Evaluator, mse
 class AnalyzeConfig:
     """Settings of one analysis (all recorded in results.json)."""
 
-    scope: str = "body"
+    scope: str | None = None  # None: the scope the collection was fine-tuned on (Collection.train_scope)
     strategy: str = "auto"
     memory_gb: float | None = None
     kernel_train: int | None = None  # cap on training points in each task's theory kernel (None: all)
@@ -442,6 +442,8 @@ def analyze(collection, out, *, config: AnalyzeConfig | None = None, overwrite: 
         return r
 
     col, base = load_collection_for_analysis(collection)
+    if cfg.scope is None:  # τ is zero outside the trained scope; the kernel is taken over the same parameters
+        cfg = replace(cfg, scope=col.train_scope)
     data = {t: col.task_data(t) for t in col.tasks}
     vectors, vec_out = timed("task vectors", lambda: stage_vectors(col, base, cfg))
     check_same_base(vec_out)
