@@ -47,8 +47,14 @@ def metric_mean(outputs, labels=None) -> float:
     return float(np.mean(outputs))
 
 
+def metric_nll(outputs, labels=None) -> float:
+    """Negative mean output: the NLL of the target when the output is its log-probability."""
+    return -float(np.mean(outputs))
+
+
 METRICS: dict[str, tuple[Callable, bool]] = {  # name → (function, higher is better)
     "mse": (metric_mse, False),
+    "nll": (metric_nll, False),
     "accuracy": (metric_accuracy, True),
     "mean": (metric_mean, True),
 }

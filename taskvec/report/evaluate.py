@@ -15,6 +15,34 @@ def mse(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((np.asarray(pred, float).ravel() - np.asarray(y, float).ravel()) ** 2))
 
 
+# output kind → (metric name in taskvec.arithmetic.METRICS, what the kernel-regime regression target is)
+REPORT_METRICS = {"regression": "mse", "logprob": "nll", "logprob-mean": "nll"}
+
+
+def report_metric(kind: str) -> str:
+    """The metric a report scores an output kind with (the fine-tune's own primary metric)."""
+    if kind not in REPORT_METRICS:
+        from ..errors import TaskvecError
+
+        raise TaskvecError(f"`taskvec analyze` handles regression and causal-LM (target log-probability) outputs, "
+                           f"not {kind!r}; use `taskvec ntk`, `project` and `theory` on such a collection")
+    return REPORT_METRICS[kind]
+
+
+def metric_fn(name: str):
+    from ..arithmetic import METRICS
+
+    return METRICS[name][0]
+
+
+def targets(kind: str, examples: Sequence[Mapping]) -> np.ndarray:
+    """Regression targets y of the squared-loss theory: the label; for a target log-probability, 0
+    (probability 1 — the minimiser the fine-tune's NLL shares with the squared-loss surrogate (f − 0)²)."""
+    if kind == "regression":
+        return np.array([float(e["label"]) for e in examples])
+    return np.zeros(len(examples))
+
+
 def combine(vectors: Mapping[str, Mapping[str, torch.Tensor]], coeffs: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """Σ_t α_t τ_t as one dict of tensors (tensors absent from a τ count as zero)."""
     out: dict[str, torch.Tensor] = {}
@@ -40,7 +68,8 @@ class Evaluator:
         self._j: dict = {}
 
     def labels(self, name: str) -> np.ndarray:
-        return np.array([float(ex["label"]) for ex in self.sets[name]])
+        """Targets of set `name` (see :func:`targets`)."""
+        return targets(self.output.kind, self.sets[name])
 
     def f(self, name: str, coeffs: Mapping[str, float] | None = None) -> np.ndarray:
         """Measured f(x; θ₀ + Σ α_t τ_t) on set `name`: [n] (first output column)."""

@@ -13,6 +13,11 @@ def _tasks(results):
     return list(results.get("tasks", []))
 
 
+def metric_label(results) -> str:
+    """The report's task metric as printed: MSE (regression) or NLL (target log-probability)."""
+    return str(results.get("metric") or "mse").upper()
+
+
 def cosine_heatmap(results):
     vec = results.get("vectors") or {}
     C = np.asarray(vec.get("cosine") or [], float)
@@ -122,7 +127,7 @@ def predictors(results):
     for k, (c, (label, vals)) in enumerate(zip(PALETTE, rows)):
         ax.bar(x + (k - (len(rows) - 1) / 2) * w, vals, w, color=c, label=label)
     ax.set_xticks(x, tasks)
-    ax.set_ylabel("test MSE")
+    ax.set_ylabel(f"test {metric_label(results)}")
     ax.set_title("Linearised fine-tune (eNTK predictors) vs real fine-tune")
     ax.legend(frameon=False, fontsize=6)
     return fig
@@ -144,7 +149,7 @@ def rates(results):
     ticks = sorted(set(int(v) for v in r["n"]) | set(int(v) for v in r.get("kernel_n", [])))
     ax.set_xticks(ticks, [str(v) for v in ticks])
     ax.minorticks_off()
-    ax.set_ylabel("test MSE")
+    ax.set_ylabel(f"test {metric_label(results)}")
     ax.set_title(f"Error vs sample size ({r['task']})")
     ax.legend(frameon=False, fontsize=6)
     return fig
@@ -182,15 +187,15 @@ def interference(results):
         ax.set_title(title)
         ax.grid(False)
     axes[0].set_ylabel("task A")
-    fig.colorbar(im, ax=axes[1], shrink=0.8, label="ΔMSE of A")
+    fig.colorbar(im, ax=axes[1], shrink=0.8, label=f"Δ{metric_label(results)} of A")
     off = ~np.eye(len(tasks), dtype=bool)
     axes[2].plot(P[off], M[off], "o", color=PALETTE[0], ms=3)
     lo, hi = min(P[off].min(), M[off].min()), max(P[off].max(), M[off].max())
     axes[2].plot([lo, hi], [lo, hi], "k--", lw=0.7)
     rho = (I.get("spearman_delta") or {}).get("rho")
     axes[2].set_title(f"Spearman ρ = {rho:.2f}" if rho is not None else "Spearman ρ: n/a")
-    axes[2].set_xlabel("predicted ΔMSE")
-    axes[2].set_ylabel("measured ΔMSE")
+    axes[2].set_xlabel(f"predicted Δ{metric_label(results)}")
+    axes[2].set_ylabel(f"measured Δ{metric_label(results)}")
     return fig
 
 
@@ -207,8 +212,8 @@ def addition(results):
     ax.plot(pred, meas, "o", color=PALETTE[0], ms=3)
     lo, hi = min(pred + meas), max(pred + meas)
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
-    ax.set_xlabel("predicted test MSE (linearised)")
-    ax.set_ylabel("measured test MSE (merged model)")
+    ax.set_xlabel(f"predicted test {metric_label(results)} (linearised)")
+    ax.set_ylabel(f"measured test {metric_label(results)} (merged model)")
     ax.set_title("Task addition θ₀ + α Σ τ_t (α chosen on validation)")
     return fig
 
@@ -272,7 +277,8 @@ def render_figures(results: dict, out_dir, formats=("png", "pdf"), style: str = 
             if fig is None:
                 continue
             files = save_figure(fig, out_dir, name, formats)
-            done.append({"name": name, "caption": caption, "files": [f.name for f in files]})
+            done.append({"name": name, "caption": caption.replace("MSE", metric_label(results)),
+                         "files": [f.name for f in files]})
     return done
 
 

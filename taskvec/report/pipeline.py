@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import TaskvecError
-from .evaluate import Evaluator, mse
+from .evaluate import Evaluator, metric_fn, report_metric, targets
 
 
 @dataclass
@@ -219,14 +219,13 @@ def _kernel_and_f0(memo: dict, key, model, output, examples, cfg):
     return memo[key]
 
 
-def _labels(examples) -> np.ndarray:
-    """Regression targets of examples."""
-    return np.array([float(e["label"]) for e in examples])
-
-
 def theory_for_task(K: np.ndarray, n_train: int, r_train: np.ndarray, r_test: np.ndarray, run, *,
-                    optimizer: str, lr: float, batch_size: int) -> dict:
-    """Theory of one task from the eNTK of train ∪ test and residual targets r = y − f(θ₀)."""
+                    optimizer: str, lr: float, batch_size: int, f0_test: np.ndarray | None = None,
+                    metric: str = "mse") -> dict:
+    """Theory of one task from the eNTK of train ∪ test and residual targets r = y − f(θ₀).
+
+    Kernel-predictor test errors are in the task's `metric` (the fine-tune's own), evaluated on
+    f(θ₀) + predicted residual with y = f0_test + r_test; for 'mse' that is the squared residual error."""
     from .. import theory
 
     K_tr, K_te = K[:n_train, :n_train], K[n_train:, :n_train]
@@ -248,11 +247,16 @@ def theory_for_task(K: np.ndarray, n_train: int, r_train: np.ndarray, r_test: np
     spe = run.n_train / batch_size  # optimiser steps per epoch of the real run (T̂ counts steps)
     max_steps = int(np.ceil(max(max(epochs_seen) * spe * alpha / stable_alpha, (es["T_hat"] or 1) * 3, 10)))
     path = theory.kernel_gd_path(K_tr, r_train, step=stable_alpha, max_steps=max_steps,
-                                 K_test_train=K_te, test_targets=r_test, eig=eig)
+                                 K_test_train=K_te, test_targets=r_test, eig=eig, return_predictions=True)
     ridge = theory.kernel_ridge_path(K_tr, r_train, np.logspace(-8, 2, 41) * max(mu[0], 1e-30),
-                                     K_test_train=K_te, test_targets=r_test, eig=eig)
+                                     K_test_train=K_te, test_targets=r_test, eig=eig, return_predictions=True)
+    fn = metric_fn(metric)
+    f0_te = np.zeros_like(r_test) if f0_test is None else np.asarray(f0_test, float)
+    y_te = f0_te + r_test
+    path_metric = np.array([fn(f0_te + p, y_te) for p in path["test_predictions"]])
+    ridge_metric = np.array([fn(f0_te + p, y_te) for p in ridge["test_predictions"]])
     t_hat = es["T_hat"] or 0
-    kgd_at_T = float(np.interp(t_hat, path["t"], path["test_mse"]))
+    kgd_at_T = float(np.interp(t_hat, path["t"], path_metric))
     primary = run.record["primary_metric"]
     best = run.best("validation")
     measured_curve = [{"epoch": ck.epoch, "validation": ck.metrics["validation"][primary],
@@ -273,10 +277,10 @@ def theory_for_task(K: np.ndarray, n_train: int, r_train: np.ndarray, r_test: np
         "measured_curve": measured_curve,
         "pretrained": {"validation": run.pretrained["validation"][primary], "test": run.pretrained["test"][primary]},
         "kernel_gd": {"t": path["t"], "test_mse": path["test_mse"], "train_mse": path["train_mse"],
-                      "test_mse_at_T_hat": kgd_at_T,
-                      "oracle_t": int(path["t"][int(np.argmin(path["test_mse"]))]),
-                      "oracle_test_mse": float(np.min(path["test_mse"]))},
-        "kernel_ridge": {"lambda_gcv": ridge["gcv_lambda"], "test_mse_gcv": float(ridge["test_mse"][gcv])},
+                      "test_metric": path_metric, "test_mse_at_T_hat": kgd_at_T,
+                      "oracle_t": int(path["t"][int(np.argmin(path_metric))]),
+                      "oracle_test_mse": float(np.min(path_metric))},
+        "kernel_ridge": {"lambda_gcv": ridge["gcv_lambda"], "test_mse_gcv": float(ridge_metric[gcv])},
         "finetune": {"best_epoch_test_mse": best_ck.metrics["test"][primary],
                      "final_test_mse": run.checkpoints[-1].metrics["test"][primary]},
         "metric": primary,
@@ -290,14 +294,15 @@ def stage_theory(col, model, output, data: dict, cfg: AnalyzeConfig, kernels: di
         train = data[t].split("train")[: cfg.kernel_train or None]
         test = data[t].split("test")[: cfg.eval_size or None]
         res, f0 = _kernel_and_f0(kernels, (t, len(train)), model, output, train + test, cfg)
-        y = _labels(train + test)
+        y = targets(output.kind, train + test)
         r = y - f0
         n = len(train)
         opt = run.record["optimizer"]
         lr = float(opt["param_group"]["lr"])
         name = opt["class"].rsplit(".", 1)[-1].lower()
         out[t] = theory_for_task(res.K, n, r[:n], r[n:], run, optimizer=name, lr=lr,
-                                 batch_size=int(opt["batch_size"]))
+                                 batch_size=int(opt["batch_size"]), f0_test=f0[n:],
+                                 metric=report_metric(output.kind))
         out[t]["kernel_info"] = res.info
     return out
 
@@ -320,7 +325,7 @@ def stage_rates(col, theory_out: dict, kernels: dict, model, output, data, cfg) 
     n_k = len(train)
     res, f0 = _kernel_and_f0(kernels, (task, n_k), model, output, train + test, cfg)
     K = res.K
-    r = _labels(train + test) - f0
+    r = targets(output.kind, train + test) - f0
     # kernel GD on the eNTK at the nested sizes its kernel covers; σ and R from the largest, held fixed
     kn = [n for n in ns if n <= n_k]
     if len(kn) < 2:
@@ -359,6 +364,8 @@ def stage_arithmetic(ev: Evaluator, tasks: list[str], cfg: AnalyzeConfig) -> dic
     """Task addition, negation, interference and disentanglement: merged models measured, linearised predicted."""
     from .. import arithmetic as ar
 
+    name = report_metric(ev.output.kind)
+    score = metric_fn(name)  # the task metric (MSE for regression, NLL for a target log-probability)
     def arrays(split: str):
         sets = {A: f"{A}/{split}" for A in tasks}
         f0 = {A: ev.f(sets[A]) for A in tasks}
@@ -372,34 +379,34 @@ def stage_arithmetic(ev: Evaluator, tasks: list[str], cfg: AnalyzeConfig) -> dic
     subsets = [list(p) for p in itertools.combinations(tasks, 2)] + ([tasks] if len(tasks) > 2 else [])
     addition = []
     for S in tqdm(subsets, desc="task addition", disable=not cfg.progress, leave=False):
-        curve_m = [np.mean([mse(ev.f(val[A], {u: a for u in S}), yv[A]) for A in S]) for a in cfg.addition_alphas]
-        curve_p = [np.mean([mse(ar.linearised_outputs(f0v[A], jtv[A], {u: a for u in S}), yv[A]) for A in S])
+        curve_m = [np.mean([score(ev.f(val[A], {u: a for u in S}), yv[A]) for A in S]) for a in cfg.addition_alphas]
+        curve_p = [np.mean([score(ar.linearised_outputs(f0v[A], jtv[A], {u: a for u in S}), yv[A]) for A in S])
                    for a in cfg.addition_alphas]
         a_m = cfg.addition_alphas[int(np.argmin(curve_m))]
         a_p = cfg.addition_alphas[int(np.argmin(curve_p))]
         coeffs = {u: a_m for u in S}
         pred = ar.predict_arithmetic({A: f0[A] for A in S}, {A: {u: jt[A][u] for u in S} for A in S}, coeffs,
-                                     labels={A: y[A] for A in S},
+                                     labels={A: y[A] for A in S}, metric=name,
                                      measured_outputs={A: ev.f(test[A], coeffs) for A in S})
         addition.append({"tasks": S, "alpha_measured": a_m, "alpha_predicted": a_p,
                          "validation_curve": {"alpha": list(cfg.addition_alphas), "measured": curve_m, "predicted": curve_p},
                          "test": {A: {"measured": pred["tasks"][A]["measured_metric"],
                                       "predicted": pred["tasks"][A]["predicted_metric"],
                                       "output_relative_error": pred["tasks"][A]["output_relative_error"],
-                                      "single_task_finetune": mse(ev.f(test[A], {A: 1.0}), y[A])} for A in S}})
+                                      "single_task_finetune": score(ev.f(test[A], {A: 1.0}), y[A])} for A in S}})
     # interference of B on A: ΔMSE_A when τ_B joins τ_A (α = 1), measured on the real merged model
     T = len(tasks)
     measured = np.zeros((T, T))
     for i, A in enumerate(tasks):
-        own = mse(ev.f(test[A], {A: 1.0}), y[A])
+        own = score(ev.f(test[A], {A: 1.0}), y[A])
         for j, B in enumerate(tasks):
             if i != j:
-                measured[i, j] = mse(ev.f(test[A], {A: 1.0, B: 1.0}), y[A]) - own
-    interference = ar.interference(f0, jt, y, measured_delta=measured)
+                measured[i, j] = score(ev.f(test[A], {A: 1.0, B: 1.0}), y[A]) - own
+    interference = ar.interference(f0, jt, y, metric=name, measured_delta=measured)
     # negation θ₀ − α τ_t on every task
     a = cfg.negation_alpha
-    negation = {t: ar.negation(f0, jt, t, labels=y, alphas=(a,),
-                               measured_metric={a: {A: mse(ev.f(test[A], {t: -a}), y[A]) for A in tasks}})
+    negation = {t: ar.negation(f0, jt, t, labels=y, metric=name, alphas=(a,),
+                               measured_metric={a: {A: score(ev.f(test[A], {t: -a}), y[A]) for A in tasks}})
                 for t in tasks}
     # weight disentanglement ξ(α) on each pair's probe sets
     xi = []
@@ -412,7 +419,7 @@ def stage_arithmetic(ev: Evaluator, tasks: list[str], cfg: AnalyzeConfig) -> dic
                                        measured=lambda al: {t: ev.f(probes[t], al) for t in (A, B)})
         xi.append(res)
     points = [(r["predicted"], r["measured"]) for res in xi for r in res["rows"]]
-    return {"metric": "mse", "addition": addition, "interference": interference, "negation": negation,
+    return {"metric": name, "addition": addition, "interference": interference, "negation": negation,
             "disentanglement": xi,
             "disentanglement_spearman": ar.spearman([p for p, _ in points], [m for _, m in points])}
 
@@ -442,6 +449,7 @@ def analyze(collection, out, *, config: AnalyzeConfig | None = None, overwrite: 
         return r
 
     col, base = load_collection_for_analysis(collection)
+    report_metric(col.output["kind"])  # refuse an output kind the report cannot score before any work
     if cfg.scope is None:  # τ is zero outside the trained scope; the kernel is taken over the same parameters
         cfg = replace(cfg, scope=col.train_scope)
     data = {t: col.task_data(t) for t in col.tasks}
@@ -478,6 +486,7 @@ def analyze(collection, out, *, config: AnalyzeConfig | None = None, overwrite: 
                             "base": base.fingerprint()}},
         "config": asdict(cfg),
         "tasks": col.tasks,
+        "metric": report_metric(ocfg["kind"]),
         "vectors": vec_out, "kernel": kernel_out, "projection": projection, "theory": theory_out,
         "rates": rates, "linearisation": lin, "arithmetic": arith,
     }

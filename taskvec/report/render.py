@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..html import table, write_index
-from .figures import FIGURES, render_figures
+from .figures import FIGURES, metric_label, render_figures
 
 
 def _rel(pred, meas):
@@ -19,16 +19,17 @@ def headline_rows(results: dict) -> list[dict]:
     rows = []
     th = results.get("theory") or {}
     proj = results.get("projection") or {}
+    M = metric_label(results)
     for t in results.get("tasks", []):
         r = th.get(t, {})
         p = proj.get(t, {})
         tv, ctrl = p.get("task_vector", {}), p.get("control", {})
         rows.append({
             "task": t,
-            "θ₀ test MSE": r.get("pretrained", {}).get("test"),
-            "fine-tune test MSE": r.get("finetune", {}).get("best_epoch_test_mse"),
-            "kernel GD @T̂ test MSE": r.get("kernel_gd", {}).get("test_mse_at_T_hat"),
-            "kernel ridge test MSE": r.get("kernel_ridge", {}).get("test_mse_gcv"),
+            f"θ₀ test {M}": r.get("pretrained", {}).get("test"),
+            f"fine-tune test {M}": r.get("finetune", {}).get("best_epoch_test_mse"),
+            f"kernel GD @T̂ test {M}": r.get("kernel_gd", {}).get("test_mse_at_T_hat"),
+            f"kernel ridge test {M}": r.get("kernel_ridge", {}).get("test_mse_gcv"),
             "T̂ → epochs (pred.)": r.get("predicted_epochs"),
             "best epoch (meas.)": r.get("measured_best_epoch"),
             "decay β": ((r.get("spectrum_fit") or {}).get("power") or {}).get("rate"),
@@ -65,12 +66,13 @@ def arithmetic_rows(results: dict) -> list[dict]:
     if not ar:
         return []
     rows = []
+    M = metric_label(results)
     for r in ar["addition"]:
         for t in r["tasks"]:
             x = r["test"][t]
             rows.append({"merge": "+".join(r["tasks"]), "task": t, "α (chosen on val.)": r["alpha_measured"],
-                         "α (linearised choice)": r["alpha_predicted"], "test MSE measured": x["measured"],
-                         "test MSE predicted": x["predicted"], "rel. error": _rel(x["predicted"], x["measured"]),
+                         "α (linearised choice)": r["alpha_predicted"], f"test {M} measured": x["measured"],
+                         f"test {M} predicted": x["predicted"], "rel. error": _rel(x["predicted"], x["measured"]),
                          "single-task fine-tune (same examples)": x["single_task_finetune"]})
     return rows
 
@@ -79,7 +81,7 @@ def summary_rows(results: dict) -> list[dict]:
     ar = results.get("arithmetic") or {}
     rows = []
     if ar:
-        rows.append({"statistic": "Spearman ρ, interference ΔMSE predicted vs measured",
+        rows.append({"statistic": f"Spearman ρ, interference Δ{metric_label(results)} predicted vs measured",
                      "value": (ar["interference"].get("spearman_delta") or {}).get("rho")})
         rows.append({"statistic": "Spearman ρ, disentanglement ξ(α) predicted vs measured",
                      "value": (ar.get("disentanglement_spearman") or {}).get("rho")})
