@@ -79,6 +79,7 @@ def test_exact_and_recompute_match_brute_force(arch):
         exact = compute_kernel(model, f, ex, strategy="exact", block_size=3, progress=False)
         rec = compute_kernel(model, f, ex, strategy="recompute", block_size=2, panel_size=3, progress=False)
         assert exact.info["strategy"] == "exact" and rec.info["strategy"] == "recompute"
+        assert exact.info["per_example_gradients"] == "hooks" == rec.info["per_example_gradients"]
         assert rel(exact.K, K_ref) <= tol and rel(rec.K, K_ref) <= tol
         assert rec.info["examples_computed"] > len(ex)  # rows really were recomputed
         vals = np.linalg.eigvalsh(K_ref / len(ex))[::-1]
@@ -120,6 +121,43 @@ def test_word_embeddings_in_scope_use_only_present_rows():
     rows = res.info["scope"]["restricted_rows"]["embeddings.word_embeddings.weight"]
     assert rows < 128 and res.info["n_params"] < J.shape[1]
     assert rel(res.K, (J @ J.T).numpy()) < 1e-8
+    assert res.info["per_example_gradients"] == "hooks"
+
+
+@pytest.mark.parametrize("arch,scope", [("gpt2", "all"), ("bert", "all"), ("llama", "all"), ("llama", "attention")])
+def test_hook_and_vmap_gradients_agree_with_brute_force(arch, scope):
+    """The batched-hook per-example gradients (every module rule, tied and restricted embeddings)
+    and the vmap(grad) fallback both reproduce jacrev on each example alone."""
+    model, f, ex = setup(arch)
+    K_ref = (lambda J: (J @ J.T).numpy())(brute_jacobian(model, f, ex, scope=scope))
+    for method in ("hooks", "vmap"):
+        res = compute_kernel(model, f, ex, scope=scope, strategy="exact", block_size=4, progress=False,
+                             cache=False, gradients=method)
+        assert res.info["per_example_gradients"] == method
+        assert rel(res.K, K_ref) < 1e-10
+
+
+def test_hooks_fall_back_to_vmap_when_a_parameter_is_used_outside_its_module():
+    """A model reading an in-scope weight directly (not through its module's forward) is caught by
+    the first-block check: 'auto' falls back to vmap and stays exact, 'hooks' refuses."""
+    model, f, ex = setup("gpt2")
+    block = model.transformer.h[0]
+    original = type(block).forward
+
+    class Peeking(type(block)):
+        def forward(self, hidden_states, *args, **kwargs):
+            out = original(self, hidden_states, *args, **kwargs)
+            first = out[0] if isinstance(out, tuple) else out
+            first = first + 0.1 * torch.tanh(self.mlp.c_fc.bias[: first.shape[-1]])
+            return (first,) + tuple(out[1:]) if isinstance(out, tuple) else first
+
+    block.__class__ = Peeking
+    K_ref = (lambda J: (J @ J.T).numpy())(brute_jacobian(model, f, ex))
+    res = compute_kernel(model, f, ex, strategy="exact", progress=False, cache=False)
+    assert res.info["per_example_gradients"] == "vmap" and any("vmap" in n for n in res.info["notes"])
+    assert rel(res.K, K_ref) < 1e-10
+    with pytest.raises(TaskvecError, match="hooks are not possible"):
+        compute_kernel(model, f, ex, strategy="exact", progress=False, cache=False, gradients="hooks")
 
 
 @pytest.mark.parametrize("kind", ["countsketch", "gaussian"])
@@ -314,7 +352,7 @@ def test_interrupt_leaves_no_cache(tmp_path):
     class Interrupting(type(f)):
         calls = 0
 
-        def single(self, params, example):
+        def __call__(self, params, batch):
             raise KeyboardInterrupt
 
     f.__class__ = Interrupting

@@ -1,4 +1,5 @@
-"""Per-example Jacobian rows J[i] = ∇_θ f(x_i; θ₀) in row blocks, with torch.func vmap(jacrev).
+"""Per-example Jacobian rows J[i] = ∇_θ f(x_i; θ₀) in row blocks: batched hooks where they cover the
+model (:mod:`taskvec.ntk.persample`), torch.func vmap(grad / jacrev) otherwise.
 
 Rows are laid out as the kernel needs them: the *trace* kernel (Σ_o ∇f_o·∇f_o) is the Gram matrix
 of the flattened [m·p] rows, the *block* kernel (nm × nm) that of [p] rows ordered example-major.
@@ -11,8 +12,12 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch.func import grad, jacrev, vmap
 
+from ..errors import TaskvecError
 from ..outputs import OutputFunction
 from .params import ParamSpace
+from .persample import PerExampleGrads, Unsupported
+
+ROW_METHODS = ("auto", "hooks", "vmap")
 
 
 class ProbeBatch:
@@ -42,10 +47,58 @@ class ProbeBatch:
             yield idx, self.block(idx)
 
 
+class RowEngine:
+    """Computes J row blocks for one (output, space): the batched-hook fast path
+    (:mod:`taskvec.ntk.persample`) where it covers the model, vmap(grad) otherwise.
+
+    ``method``: 'auto' (hooks, falling back to vmap for good on the first unsupported use), 'hooks'
+    (raise if unsupported) or 'vmap'. ``used`` records which one produced the rows; ``note`` why not hooks.
+    """
+
+    def __init__(self, output: OutputFunction, space: ParamSpace, method: str = "auto"):
+        if method not in ROW_METHODS:
+            raise TaskvecError(f"unknown per-example gradient method {method!r}; choose one of {ROW_METHODS}")
+        self.output, self.space, self.method = output, space, method
+        self.hooks, self.note = None, None
+        if method != "vmap":
+            try:
+                self.hooks = PerExampleGrads(output, space)
+            except Unsupported as exc:
+                self._unsupported(exc)
+
+    @property
+    def used(self) -> str:
+        return "hooks" if self.hooks is not None else "vmap"
+
+    def _unsupported(self, exc: Exception) -> None:
+        if self.method == "hooks":
+            raise TaskvecError(f"per-example gradients by hooks are not possible for this model: {exc}") from exc
+        self.hooks, self.note = None, f"vmap(grad) used: {exc}"
+
+    def __call__(self, base, batch, *, mode: str = "trace", dtype=None, out: torch.Tensor | None = None):
+        if self.hooks is not None:
+            try:
+                target = out.view(batch["input_ids"].shape[0], self.output.m, self.space.p) \
+                    if out is not None and (dtype is None or out.dtype == dtype) else None
+                rows = self.hooks.rows(base, batch, out=target)
+                return _finish(rows, mode, dtype)
+            except Unsupported as exc:
+                self._unsupported(exc)
+        return jacobian_rows(self.output, self.space, base, batch, mode=mode, dtype=dtype, out=out)
+
+
+def _finish(rows: torch.Tensor, mode: str, dtype) -> torch.Tensor:
+    """[b, m, p] → [b, m·p] (trace) or [b·m, p] (block), cast to `dtype`."""
+    if dtype is not None and rows.dtype != dtype:
+        rows = rows.to(dtype)
+    b = rows.shape[0]
+    return rows.reshape(b, -1) if mode == "trace" else rows.reshape(-1, rows.shape[-1])
+
+
 def jacobian_rows(output: OutputFunction, space: ParamSpace, base: Mapping[str, torch.Tensor],
                   batch: Mapping[str, torch.Tensor], *, mode: str = "trace", dtype=None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """J rows for one batch: [b, m·p] (mode='trace') or [b·m, p] (mode='block').
+    """J rows for one batch by vmap over examples: [b, m·p] (mode='trace') or [b·m, p] (mode='block').
 
     Scalar outputs use vmap(grad) (one VJP per example, ~25% faster than jacrev's extra vmap level);
     `out` (same dtype, right shape) receives the rows directly, saving one copy of the block.
@@ -58,21 +111,16 @@ def jacobian_rows(output: OutputFunction, space: ParamSpace, base: Mapping[str, 
                 return output.single(space.expand(params), example)[0]
 
             jac = vmap(grad(f1), in_dims=(None, 0))(dict(base), dict(batch))  # name → [b, *shape]
-            lead = 1
         else:
             def f(params, example):
                 return output.single(space.expand(params), example)
 
             jac = vmap(jacrev(f), in_dims=(None, 0))(dict(base), dict(batch))  # name → [b, m, *shape]
-            lead = 2
-    target = None
-    if out is not None and (dtype is None or out.dtype == dtype):
-        target = out.view(b, m, space.p) if lead == 2 else out.view(b * m, space.p)
-    rows = space.flatten(jac, lead=lead, out=target)
+    lead = (b,) if m == 1 else (b, m)
+    target = out.view(lead + (space.p,)) if out is not None and (dtype is None or out.dtype == dtype) else None
+    rows = space.flatten(jac, lead=len(lead), out=target)
     del jac
-    if dtype is not None and rows.dtype != dtype:
-        rows = rows.to(dtype)
-    return rows.reshape(b, -1) if mode == "trace" else rows.reshape(-1, rows.shape[-1])
+    return _finish(rows.view(b, m, space.p), mode, dtype)
 
 
 def per_example_bytes(output: OutputFunction, space: ParamSpace, probe: ProbeBatch, itemsize: int) -> int:

@@ -35,14 +35,16 @@ from tqdm.auto import tqdm
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_save_npy, atomic_write_json, cache_dir, content_hash
 from ..outputs import OutputFunction
-from .jacobian import ProbeBatch, jacobian_rows, per_example_bytes
+from .jacobian import ProbeBatch, RowEngine, per_example_bytes
 from .lanczos import KernelOperator, lanczos_topk
 from .params import ParamSpace, build_space
 from .sketch import make_sketch, sketch_bound
 from .spectrum import spectrum
 
 STRATEGIES = ("auto", "exact", "recompute", "sketch", "lanczos")
-GRAM_CHUNK = 1 << 20  # BLAS calls with tiny m,n need long K to stay efficient; error ~3e-7 measured
+GRAM_CHUNK = 1 << 16  # float32 products summed in float64 every 65536 columns
+GRAM_GROUP = 64  # rows per Gram update: thin (16-row) updates are memory-bound, 64 rows reach ~2/3 of GEMM peak
+GRADIENT_BLOCK = 16  # examples per gradient pass: longer blocks pad more and spill caches (MiniLM: 16 → 2.7 s, 64 → 6.8 s)
 GB = 1 << 30
 
 
@@ -126,8 +128,9 @@ def _model_bytes(model: nn.Module) -> int:
 @dataclass
 class Plan:
     strategy: str
-    block: int          # examples per vmap block
+    block: int          # examples per gradient block
     panel: int = 0      # examples per stored panel (recompute)
+    group: int = 0      # examples per recomputed group buffer (recompute)
     storage: str = "ram"
     sketch_dim: int = 0
     check: int = 0      # examples whose exact rows are kept to measure the sketch error
@@ -144,8 +147,8 @@ def plan(strategy: str, *, n: int, rows_per_ex: int, P: int, itemsize: int, ex_b
             f"memory budget {budget / GB:.2f} GB is too small for any strategy: the model takes "
             f"{model_bytes / GB:.2f} GB and one example's gradient pass about {ex_bytes / GB:.2f} GB; "
             f"raise --memory-gb or narrow --scope")
-    def blocks_of(room: float) -> int:  # examples per vmap block: larger blocks run faster (fewer, bigger GEMMs)
-        return int(max(1, min(n, 64, room // ex_bytes)))
+    def blocks_of(room: float) -> int:  # examples per gradient block
+        return int(max(1, min(n, GRADIENT_BLOCK, room // ex_bytes)))
 
     k = int(sketch_dim or min(16384, max(1024, 8 * n * rows_per_ex)))
     stored = n * row_bytes + (n * rows_per_ex) ** 2 * 8
@@ -164,13 +167,14 @@ def plan(strategy: str, *, n: int, rows_per_ex: int, P: int, itemsize: int, ex_b
         return Plan("exact", block, storage=storage, notes=notes)
     if strategy == "recompute":
         room = free - block * ex_bytes - (n * rows_per_ex) ** 2 * 8
-        panel = int(room // row_bytes)
-        if panel < 1:
-            raise TaskvecError(f"memory budget {budget / GB:.2f} GB cannot hold one Jacobian row "
-                               f"({row_bytes / GB:.2f} GB) beside the model; use --strategy sketch or lanczos")
-        panel = min(n, panel)
-        block = min(block, panel)
-        return Plan("recompute", block, panel=panel)
+        slots = int(room // row_bytes)  # examples' rows that fit: the panel plus the recomputed-group buffer
+        if slots < 2:
+            raise TaskvecError(f"memory budget {budget / GB:.2f} GB cannot hold two Jacobian rows "
+                               f"({row_bytes / GB:.2f} GB each) beside the model; use --strategy sketch or lanczos")
+        group = max(1, min(GRAM_GROUP // rows_per_ex, slots // 4))
+        panel = min(n, slots - group)
+        block = min(block, panel, group)
+        return Plan("recompute", block, panel=panel, group=group)
     if strategy == "sketch":
         room = free - block * ex_bytes - n * rows_per_ex * k * 8
         check = int(max(0, min(n, 64, (room * 0.5) // row_bytes)))
@@ -194,8 +198,9 @@ def _row_order(order: torch.Tensor, rows_per_ex: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- strategies
 class _Runner:
-    def __init__(self, output, space, base, probe, mode, dtype, progress):
+    def __init__(self, output, space, base, probe, mode, dtype, progress, rows_method="auto"):
         self.output, self.space, self.base, self.probe = output, space, base, probe
+        self.engine = RowEngine(output, space, rows_method)
         self.mode, self.dtype, self.progress = mode, dtype, progress
         self.r = output.m if mode == "block" else 1
         self.P = space.p * (output.m if mode == "trace" else 1)
@@ -204,7 +209,7 @@ class _Runner:
 
     def rows(self, batch, out: torch.Tensor | None = None) -> torch.Tensor:
         self.examples_computed += batch["input_ids"].shape[0]
-        return jacobian_rows(self.output, self.space, self.base, batch, mode=self.mode, dtype=self.dtype, out=out)
+        return self.engine(self.base, batch, mode=self.mode, dtype=self.dtype, out=out)
 
     def sorted_blocks(self, size: int, lo: int = 0, hi: int | None = None):
         """(row start in sorted order, batch) for examples [lo, hi) of the sorted order."""
@@ -216,7 +221,30 @@ class _Runner:
     def bar(self, total, desc):
         return tqdm(total=total, desc=desc, unit="ex", disable=not self.progress)
 
-    # exact: J stored (RAM or memmap), Gram filled block row by block row
+    def _fill(self, K: torch.Tensor, A: torch.Tensor, a0: int, B: torch.Tensor, b0: int) -> None:
+        """K[a, b] = A Bᵀ and its mirror, for rows A starting at a0 and B at b0 (sorted order)."""
+        blk = gram(A, B)
+        K[a0:a0 + A.shape[0], b0:b0 + B.shape[0]] = blk
+        K[b0:b0 + B.shape[0], a0:a0 + A.shape[0]] = blk.T
+
+    def _stored_rows(self, J: torch.Tensor, K: torch.Tensor, a0: int, lo: int, hi: int, p: Plan, bar,
+                     direct: bool = True) -> None:
+        """Rows of examples [lo, hi) into J (J[0] is row a0); Gram of each finished group of
+        `GRAM_GROUP` rows against all rows before it, so BLAS sees tall operands, not thin blocks."""
+        g0 = 0
+        for r0, batch in self.sorted_blocks(p.block, lo, hi):
+            i0, nb = r0 - a0, batch["input_ids"].shape[0]
+            i1 = i0 + nb * self.r
+            if direct:
+                self.rows(batch, out=J[i0:i1])
+            else:
+                J[i0:i1] = self.rows(batch).to(J.dtype)
+            if i1 - g0 >= GRAM_GROUP or r0 // self.r + nb == hi:
+                self._fill(K, J[g0:i1], a0 + g0, J[:i1], a0)
+                g0 = i1
+            bar.update(nb)
+
+    # exact: J stored (RAM or memmap), Gram filled group by group
     def exact(self, p: Plan) -> np.ndarray:
         tmpdir = None
         if p.storage == "disk":
@@ -229,46 +257,33 @@ class _Runner:
         try:
             K = torch.zeros(self.N, self.N, dtype=torch.float64)
             with self.bar(self.probe.n, "eNTK exact") as bar:
-                for r0, batch in self.sorted_blocks(p.block):
-                    r1 = r0 + batch["input_ids"].shape[0] * self.r
-                    direct = p.storage == "ram"
-                    R = self.rows(batch, out=J[r0:r1] if direct else None)
-                    if not direct:
-                        J[r0:r1] = R.to(J.dtype)
-                    blk = gram(R, J[:r1])
-                    K[r0:r1, :r1] = blk
-                    K[:r1, r0:r1] = blk.T
-                    bar.update(batch["input_ids"].shape[0])
+                self._stored_rows(J, K, 0, 0, self.probe.n, p, bar, direct=p.storage == "ram")
             return K.numpy()
         finally:
             del J
             if tmpdir is not None:
                 tmpdir.cleanup()
 
-    # recompute: a panel of rows kept, later row blocks recomputed for each panel
+    # recompute: a panel of rows kept, later rows recomputed for each panel into a reused group buffer
     def recompute(self, p: Plan) -> np.ndarray:
         n, K = self.probe.n, torch.zeros(self.N, self.N, dtype=torch.float64)
         panels = list(range(0, n, p.panel))
         total = sum(n - s for s in panels)
+        Jp = torch.empty(min(p.panel, n) * self.r, self.P, dtype=self.dtype)  # allocated (and faulted in) once
+        group = max(p.block, min(p.group or GRAM_GROUP // self.r, n - min(p.panel, n))) if len(panels) > 1 else 0
+        buf = torch.empty(group * self.r, self.P, dtype=self.dtype) if group else None
         with self.bar(total, f"eNTK recompute ({len(panels)} panels)") as bar:
             for s in panels:
                 e = min(s + p.panel, n)
-                Jp = torch.empty((e - s) * self.r, self.P, dtype=self.dtype)
-                a0 = s * self.r
-                for r0, batch in self.sorted_blocks(p.block, s, e):
-                    i0 = r0 - a0
-                    R = self.rows(batch, out=Jp[i0:i0 + batch["input_ids"].shape[0] * self.r])
-                    blk = gram(R, Jp[:i0 + R.shape[0]])
-                    K[r0:r0 + R.shape[0], a0:r0 + R.shape[0]] = blk
-                    K[a0:r0 + R.shape[0], r0:r0 + R.shape[0]] = blk.T
-                    bar.update(batch["input_ids"].shape[0])
-                for r0, batch in self.sorted_blocks(p.block, e, n):
-                    R = self.rows(batch).cpu()
-                    blk = gram(Jp, R)
-                    K[a0:a0 + Jp.shape[0], r0:r0 + R.shape[0]] = blk
-                    K[r0:r0 + R.shape[0], a0:a0 + Jp.shape[0]] = blk.T
-                    bar.update(batch["input_ids"].shape[0])
-                del Jp
+                a0, rows = s * self.r, (e - s) * self.r
+                self._stored_rows(Jp, K, a0, s, e, p, bar)
+                for g in range(e, n, group or 1):
+                    h = min(g + group, n)
+                    for r0, batch in self.sorted_blocks(p.block, g, h):
+                        i0 = r0 - g * self.r
+                        self.rows(batch, out=buf[i0:i0 + batch["input_ids"].shape[0] * self.r])
+                        bar.update(batch["input_ids"].shape[0])
+                    self._fill(K, Jp[:rows], a0, buf[:(h - g) * self.r], g * self.r)
         return K.numpy()
 
     # sketch: Φ = J S, K ≈ ΦΦᵀ; exact K on the first `check` rows for the measured error
@@ -313,12 +328,14 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
                    strategy: str = "auto", memory_gb: float | None = None, sketch_dim: int | None = None,
                    sketch: str = "countsketch", seed: int = 0, top_k: int | None = None, mode: str = "trace",
                    cache: bool = True, progress: bool = True, check: int = 64,
-                   block_size: int | None = None, panel_size: int | None = None) -> KernelResult:
+                   block_size: int | None = None, panel_size: int | None = None,
+                   gradients: str = "auto") -> KernelResult:
     """The eNTK of `output` (built on `model`) on `examples` restricted to `scope`.
 
     mode: 'trace' (n×n, Σ_o ∇f_o·∇f_o; the scalar kernel when m = 1) or 'block' (nm × nm).
     top_k: eigenpairs to keep (required for 'lanczos'; default all). block_size / panel_size override the
-    planned examples per vmap block / per stored panel (recompute). Returns a :class:`KernelResult`
+    planned examples per block / per stored panel (recompute). gradients: how per-example gradients are
+    formed — 'auto' (batched hooks where they cover the model, else vmap), 'hooks' or 'vmap'. Returns a :class:`KernelResult`
     whose `info` records strategy, timings, peak memory, clipped negatives and the sketch error.
     """
     if strategy not in STRATEGIES:
@@ -365,7 +382,7 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
         res.info["cache_hit"] = True
         return res
 
-    runner = _Runner(output, space, base, probe, mode, dtype, progress)
+    runner = _Runner(output, space, base, probe, mode, dtype, progress, gradients)
     t1 = time.perf_counter()
     extra: dict = {}
     if pl.strategy == "lanczos":
@@ -390,9 +407,10 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
     info.update({
         "n": n, "m": m, "rows": n * rows_per_ex, "n_params": space.p, "n_tokens": probe.n_tokens,
         "block_size": pl.block, "panel": pl.panel or None, "memory_budget_gb": budget / GB,
-        "notes": pl.notes, "cache_key": key, "cache_hit": False,
+        "notes": pl.notes + ([runner.engine.note] if runner.engine.note else []), "cache_key": key, "cache_hit": False,
         "seconds": {"setup": t1 - t0, "kernel": t2 - t1, "total": t2 - t0},
         "examples_computed": runner.examples_computed, "peak_rss_gb": peak_rss_gb(),
+        "per_example_gradients": runner.engine.used if pl.strategy != "lanczos" else "jvp/vjp",
         "spectrum": spec_info, "normalisation": "eigenvalues are of K/n, n = number of examples",
         "gram_accumulation": "float64" if dtype == torch.float64 else f"{dtype} products over {GRAM_CHUNK}-column "
                                                                       f"chunks, summed in float64",
