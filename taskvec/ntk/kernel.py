@@ -293,11 +293,12 @@ class _Runner:
         check_rows = min(self.N, check * self.r)
         exact_rows = []
         with self.bar(self.probe.n, f"eNTK sketch ({kind}, k={p.sketch_dim})") as bar:
+            buf = torch.empty(p.block * self.r, self.P, dtype=self.dtype)  # reused: no page faults per block
             for r0, batch in self.sorted_blocks(p.block):
-                R = self.rows(batch).cpu()
+                R = self.rows(batch, out=buf[:batch["input_ids"].shape[0] * self.r]).cpu()
                 if r0 < check_rows:
                     exact_rows.append(R[: check_rows - r0].clone())
-                Phi[r0:r0 + R.shape[0]] = sk(R).double()
+                Phi[r0:r0 + R.shape[0]] = sk(R, overwrite=True).double()
                 bar.update(batch["input_ids"].shape[0])
         K = (Phi @ Phi.T).numpy()
         info = {"sketch": kind, "sketch_dim": p.sketch_dim, "seed": seed,

@@ -30,9 +30,11 @@ class CountSketch:
         self.bucket = torch.randint(0, k, (P,), generator=g)
         self.sign = torch.randint(0, 2, (P,), generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """Φ = rows S; `overwrite=True` lets the signs be applied in place (no temporary of rows' size)."""
+        signed = rows.mul_(self.sign.to(rows.dtype)) if overwrite else rows * self.sign.to(rows.dtype)
         out = torch.zeros(rows.shape[0], self.k, dtype=rows.dtype)
-        return out.index_add_(1, self.bucket, rows * self.sign.to(rows.dtype))
+        return out.index_add_(1, self.bucket, signed)
 
 
 class GaussianSketch:
@@ -41,7 +43,7 @@ class GaussianSketch:
     def __init__(self, P: int, k: int, seed: int = 0, chunk: int = 8192):
         self.P, self.k, self.seed, self.chunk = P, k, seed, chunk
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         out = torch.zeros(rows.shape[0], self.k, dtype=rows.dtype)
         scale = 1.0 / math.sqrt(self.k)
         for c, start in enumerate(range(0, self.P, self.chunk)):
