@@ -2,15 +2,16 @@
 
 | strategy   | how                                                                     | memory       |
 |------------|-------------------------------------------------------------------------|--------------|
-| exact      | per-example gradient row blocks (vmap(jacrev)) stored in RAM or a disk   | n·m·p floats |
-|            | memmap; Gram accumulated block by block into float64                     |              |
+| exact      | per-example gradient row blocks (batched hooks, or vmap(grad)) stored in | n·m·p floats |
+|            | RAM or a disk memmap; Gram accumulated in 64-row groups into float64      |              |
 | recompute  | a panel of rows kept, the remaining row blocks recomputed per panel      | panel·p      |
 | sketch     | each row block sketched to k dims (CountSketch / Gaussian), K ≈ ΦΦᵀ;     | n·k          |
 |            | the error against exact K on a subset is measured and reported           |              |
 | lanczos    | matrix-free top-k eigenpairs of K/n (VJP then JVP per batch)             | O(p)         |
 
 `strategy="auto"` picks the first that fits `memory_gb`: exact (RAM) → recompute (≤ 4 panels) →
-sketch. Float32 Jacobian blocks are multiplied in float32 over column chunks of `GRAM_CHUNK` and the
+sketch. Per-example gradients come from :class:`taskvec.ntk.jacobian.RowEngine` (``gradients=``).
+Float32 Jacobian blocks are multiplied in float32 over column chunks of `GRAM_CHUNK` and the
 chunk products accumulated in float64; float64 models multiply in float64 throughout.
 Results are cached under `taskvec.io.cache_dir()/ntk/<content hash>`; an interrupted run leaves none.
 """
