@@ -4,6 +4,8 @@ Real all-MiniLM-L6-v2 (regression head on mean-pooled states, scope `body` = no 
 VADER movie-review snippets ≤ 64 tokens) at n = 64, 256, 1024, and a small random Llama (target
 log-probability). Each measurement runs in its own subprocess so its peak RSS is its own.
 
+Methods: auto / exact / recompute / sketch (taskvec; per-example gradients by batched hooks where the
+model allows), exact-vmap (taskvec exact with its vmap(grad) fallback forced).
 Baselines: (1) a plain loop of `backward()` calls with the gradients stacked, K = G Gᵀ;
 (2) the PyTorch torch.func NTK tutorial recipe: vmap(jacrev) over all n examples at once, then one
 einsum 'Naf,Mbf->NMab' per parameter tensor, summed. A baseline whose Jacobian alone exceeds the
@@ -111,12 +113,14 @@ def run_one(workload: str, n: int, method: str, memory_gb: float, sketch_dim: in
     names, p = space.names, space.p
     out: dict = {"workload": workload, "n": n, "method": method, "p": p, "tokens": probe.n_tokens}
     t0 = time.perf_counter()
-    if method in ("exact", "recompute", "sketch", "auto"):
-        strategy = "auto" if method == "auto" else method
+    if method in ("exact", "recompute", "sketch", "auto", "exact-vmap"):
+        strategy = "auto" if method == "auto" else method.split("-")[0]
         res = compute_kernel(model, f, ex, strategy=strategy, memory_gb=memory_gb, cache=False, progress=False,
-                             sketch_dim=sketch_dim if method == "sketch" else None)
+                             sketch_dim=sketch_dim if method == "sketch" else None,
+                             gradients="vmap" if method.endswith("-vmap") else "auto")
         K = res.K
         out.update(strategy=res.info["strategy"], panel=res.info.get("panel"),
+                   gradients=res.info.get("per_example_gradients"),
                    examples_computed=res.info["examples_computed"])
         for key in ("sketch_rel_error_on_check", "sketch_rel_bound_on_check_delta_0.05", "sketch_dim"):
             if key in res.info:

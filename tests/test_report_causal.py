@@ -76,6 +76,21 @@ def test_causal_report_uses_nll_and_is_complete(built):
         for key in ("sigma", "radius", "predicted_epochs"):
             assert th[key] is not None and math.isfinite(th[key]), (t, key)
         assert math.isfinite(th["kernel_gd"]["test_mse_at_T_hat"])
+    assert "not normalised" in html  # the kernel-NLL caveat is printed where those columns are
+
+
+def test_caveats_follow_the_numbers():
+    from taskvec.report.render import caveats
+
+    lin = {"a": {"rows": [{"alpha": 1.0, "relative_error": 2.7}]}, "b": {"rows": [{"alpha": 1.0, "relative_error": 0.3}]}}
+    notes = caveats({"metric": "nll", "linearisation": lin})
+    assert "not normalised" in notes["Early stopping and kernel predictors"]
+    assert "exceeds 1 for a:" in notes["Task arithmetic"]
+    assert caveats({"metric": "mse", "linearisation": {"b": lin["b"]}}) == {}
+    far = caveats({"theory": {"a": {"predicted_epochs": 5e7, "measured_best_epoch": 2, "sigma": 3e-4},
+                              "b": {"predicted_epochs": 8, "measured_best_epoch": 2, "sigma": 1.0}}})
+    assert "off by more than 10× for a (T̂ → 5e+07" in far["Early stopping and kernel predictors"]
+    assert "b (" not in far["Early stopping and kernel predictors"]
 
 
 def test_kernel_gd_starts_at_the_pretrained_nll(built):

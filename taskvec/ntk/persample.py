@@ -132,8 +132,11 @@ class PerExampleGrads:
             buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return buf
 
-    def _module_grads(self, mname, x, delta, params) -> dict[str, torch.Tensor]:
-        """Per-example gradients [b, *shape in space] of module `mname`'s in-scope parameters."""
+    def _module_grads(self, mname, x, delta, params, dest) -> dict[str, torch.Tensor | None]:
+        """Per-example gradients [b, *shape in space] of module `mname`'s in-scope parameters.
+
+        dest(name) → the [b, *shape] view of the output rows where that gradient goes, or None; a
+        weight gradient written there directly is returned as None."""
         mod, rule, local = self.owners[mname]
         b = x.shape[0]
         out = {}
@@ -143,7 +146,16 @@ class PerExampleGrads:
             for attr, name in local.items():
                 if attr == "weight":
                     a, c = (ds, xs) if rule == "linear" else (xs, ds)
-                    out[name] = torch.bmm(a.transpose(1, 2), c, out=self._scratch(name, (b, a.shape[-1], c.shape[-1]), a))
+                    view = dest(name)
+                    if view is not None and view.device == a.device and view.dtype == a.dtype:
+                        # one GEMM per example straight into its row: no batch temporary, no copy
+                        # (bmm cannot write a row-strided batch without a temporary)
+                        for k in range(b):
+                            torch.mm(a[k].T, c[k], out=view[k])
+                        out[name] = None
+                    else:
+                        out[name] = torch.bmm(a.transpose(1, 2), c,
+                                              out=self._scratch(name, (b, a.shape[-1], c.shape[-1]), a))
                 elif attr == "bias":
                     out[name] = ds.sum(1)
                 else:
@@ -197,10 +209,18 @@ class PerExampleGrads:
                 for (mname, x, yo), d in zip(captures, deltas):
                     if d is None:
                         d = torch.zeros_like(yo)
-                    for name, g in self._module_grads(mname, x, d.detach(), params).items():
+                    def dest(name):
+                        if name in written:
+                            return None
+                        s, size = self.offsets[name]
+                        return out[:, o, s:s + size].view(b, *self.space.shape(name))
+
+                    for name, g in self._module_grads(mname, x, d.detach(), params, dest).items():
                         s, size = self.offsets[name]
                         view = out[:, o, s:s + size]
-                        if name in written:
+                        if g is None:
+                            written.add(name)
+                        elif name in written:
                             view += g.reshape(b, size)
                         else:
                             view.copy_(g.reshape(b, size))

@@ -106,12 +106,43 @@ SECTIONS = [
 ]
 
 
+def caveats(results: dict) -> dict[str, str]:
+    """Section title → a warning the numbers need (read off the results, never assumed)."""
+    notes = {}
+    if results.get("metric") == "nll":
+        notes["Early stopping and kernel predictors"] = (
+            "The kernel columns score the linearised model f₀ + J(θ − θ₀) fitted by squared loss toward "
+            "log-probability 0: a linear 'log-probability' is not normalised and can approach 0 freely, so a "
+            "kernel NLL below the fine-tune's says the kernel regime fits the targets, not that it is a better "
+            "language model.")
+    off = []
+    for t, th in (results.get("theory") or {}).items():
+        pred, meas = th.get("predicted_epochs"), th.get("measured_best_epoch")
+        if pred and meas and (pred / meas > 10 or pred / meas < 0.1):
+            off.append(f"{t} (T̂ → {pred:.3g} epochs vs {meas:g} measured; σ̂ = {th.get('sigma', float('nan')):.3g})")
+    if off:
+        notes["Early stopping and kernel predictors"] = (notes.get("Early stopping and kernel predictors", "") + (
+            " The stopping rule is off by more than 10× for " + "; ".join(off) + ": T̂ scales with 1/σ̂², so a "
+            "noise estimate near 0 (the residuals look smooth to the kernel) sends it far out; `taskvec theory` "
+            "takes a given --sigma or other estimators (docs/theory.md).")).strip()
+    far = sorted(t for t, v in (results.get("linearisation") or {}).items()
+                 for row in v["rows"] if row["alpha"] == 1.0 and row["relative_error"] > 1.0)
+    if far:
+        notes["Task arithmetic"] = (
+            f"The linearisation error at α = 1 exceeds 1 for {', '.join(far)}: these fine-tunes left the "
+            "kernel regime, so the linearised predictions below are not expected to hold.")
+    return notes
+
+
 def render_report(results: dict, out_dir, formats=("png", "pdf"), style: str = "paper") -> list[dict]:
     out_dir = Path(out_dir)
     figs = {f["name"]: f for f in render_figures(results, out_dir, formats, style)}
     sections = []
+    warn = caveats(results)
     for title, text, names, rows_fn in SECTIONS:
         rows = rows_fn(results) if rows_fn else []
+        if title in warn:
+            text = f"{text} {warn[title]}".strip()
         sections.append({"title": title, "text": text, "tables": [table(rows)] if rows else [],
                          "figures": [figs[n] for n in names if n in figs]})
     write_index(out_dir, results, sections)
@@ -131,4 +162,4 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["render_report", "headline_rows", "rate_rows", "arithmetic_rows", "summary_rows", "markdown_table", "FIGURES"]
+__all__ = ["render_report", "caveats", "headline_rows", "rate_rows", "arithmetic_rows", "summary_rows", "markdown_table", "FIGURES"]
