@@ -113,6 +113,8 @@ def run_one(workload: str, n: int, method: str, memory_gb: float, sketch_dim: in
     names, p = space.names, space.p
     out: dict = {"workload": workload, "n": n, "method": method, "p": p, "tokens": probe.n_tokens}
     t0 = time.perf_counter()
+    if method == "exact-vmap" and n * p * 4 > 0.8 * memory_gb * GB:
+        return {**out, "cannot": f"J needs {n * p * 4 / GB:.1f} GB of the {memory_gb} GB budget (it would go to disk)"}
     if method in ("exact", "recompute", "sketch", "auto", "exact-vmap"):
         strategy = "auto" if method == "auto" else method.split("-")[0]
         res = compute_kernel(model, f, ex, strategy=strategy, memory_gb=memory_gb, cache=False, progress=False,
