@@ -362,7 +362,6 @@ def _basic_stream(acc: _Acc, base: Checkpoint, fts: list, aligned: list, n: str,
     """Base norm and Gram matrix of tensor `n`, reading base and fine-tunes block by block (positioned reads)."""
     T = len(fts)
     numel = base.numel(n)
-    pairs = [(i, j) for i in range(T) for j in range(i, T)]
     X = buf.x
     for s in range(0, numel, _CHUNK):
         e = min(numel, s + _CHUNK)
@@ -379,10 +378,7 @@ def _basic_stream(acc: _Acc, base: Checkpoint, fts: list, aligned: list, n: str,
             if not fts[t].is_delta:
                 x.sub_(b)
             X[t, :c].copy_(x)
-        for i, j in pairs:
-            acc.gram[i, j] += float(torch.dot(X[i, :c], X[j, :c]))
-    for i, j in pairs:
-        acc.gram[j, i] = acc.gram[i, j]
+        acc.gram += _block_gram(X[:, :c])
     if not math.isfinite(acc.base_sq):
         check_finite(base, n, base.get(n))
     for t, (al, _, _) in enumerate(aligned):
@@ -403,6 +399,11 @@ def _basic_stream(acc: _Acc, base: Checkpoint, fts: list, aligned: list, n: str,
                 check_finite(fts[t], on, fts[t].get(on))
             added[names[t]][n] = {"base_rows": al.added_rows[n][0], "ft_rows": al.added_rows[n][1],
                                   "added_norm": math.sqrt(extra_sq)}
+
+
+def _block_gram(X: torch.Tensor) -> np.ndarray:
+    """X Xᵀ of a float64 [T, c] block: one GEMM reads each τ block once (T(T+1)/2 dots read it T times)."""
+    return (X @ X.T).numpy()
 
 
 def _sum_sq(x: torch.Tensor, blk: torch.Tensor) -> float:
@@ -480,7 +481,6 @@ def _cross_stats(acc: _Acc, taus: list[torch.Tensor], thr: np.ndarray, buf: _Buf
     (base-3 digit t = sign(τ_t) + 1; bit t of the mask code = |τ_t| in its top-k%), so all pairwise
     counts cost a few passes for all pairs together; counts are exact integers."""
     T, numel = len(taus), taus[0].numel()
-    pairs = [(i, j) for i in range(T) for j in range(i, T)]
     n_sign = 3 ** T
     sign_hist = torch.zeros(n_sign, dtype=torch.int64)
     mask_hist = torch.zeros((len(thr), 1 << T), dtype=torch.int64)
@@ -493,8 +493,7 @@ def _cross_stats(acc: _Acc, taus: list[torch.Tensor], thr: np.ndarray, buf: _Buf
         X, A, code, icode = buf.x[:, :c], buf.a[:, :c], buf.code[:c], buf.icode[:c]
         for t in range(T):
             X[t].copy_(taus[t][s:e])
-        for i, j in pairs:
-            acc.gram[i, j] += float(torch.dot(X[i], X[j]))
+        acc.gram += _block_gram(X)
         if signs:
             torch.sign(X, out=A).add_(1.0)
             torch.mv(A.T, w3, out=code)
@@ -508,8 +507,6 @@ def _cross_stats(acc: _Acc, taus: list[torch.Tensor], thr: np.ndarray, buf: _Buf
                 icode.copy_(code)
                 mask_hist[i] += torch.bincount(icode, minlength=1 << T)
     _counts_from_histograms(acc, T, sign_hist.numpy(), mask_hist.numpy())
-    for i, j in pairs:
-        acc.gram[j, i] = acc.gram[i, j]
 
 
 def _counts_from_histograms(acc: _Acc, T: int, sign_hist: np.ndarray, mask_hist: np.ndarray) -> None:
