@@ -58,7 +58,12 @@ def test_ntk_command_writes_kernel_and_spectrum(causal, tmp_path, capsys):
     res = compute_kernel(model, make_output("logprob", model, load_tokenizer(base)), read_jsonl(data),
                          progress=False, cache=False)
     assert np.allclose(res.K, K, rtol=1e-12)
-    assert "strategy=exact" in capsys.readouterr().out
+    assert "strategy=exact gradients=hooks" in capsys.readouterr().out
+    # --gradients vmap: the fallback path from the command line gives the same kernel
+    rc = main(["ntk", str(base), "--data", str(data), "--output", "logprob", "--out", str(tmp_path / "v"),
+               "--no-progress", "--dtype", "float64", "--gradients", "vmap", "--no-cache"])
+    assert rc == 0 and json.loads((tmp_path / "v" / "ntk.json").read_text())["per_example_gradients"] == "vmap"
+    assert np.allclose(np.load(tmp_path / "v" / "kernel.npy"), K, rtol=1e-10)
 
 
 def test_ntk_command_sketch_and_lanczos(causal, tmp_path):

@@ -33,6 +33,9 @@ def add_model_arguments(p) -> None:
     p.add_argument("--top-k", type=int, default=None, help="eigenpairs to keep (required for lanczos)")
     p.add_argument("--mode", default="trace", choices=["trace", "block"],
                    help="multi-output kernel: trace (n×n) or block (nm×nm) (default trace)")
+    p.add_argument("--gradients", default="auto", choices=["auto", "hooks", "vmap"],
+                   help="per-example gradients: batched hooks where they cover the model (checked on the first "
+                        "block), else vmap(grad) (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for sketches and random controls (default 0)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the kernel cache")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
@@ -82,7 +85,8 @@ def kernel_from_args(args, model, output, examples):
 
     return compute_kernel(model, output, examples, scope=args.scope, strategy=args.strategy,
                           memory_gb=args.memory_gb, sketch_dim=args.sketch_dim, sketch=args.sketch, seed=args.seed,
-                          top_k=args.top_k, mode=args.mode, cache=not args.no_cache, progress=not args.no_progress)
+                          top_k=args.top_k, mode=args.mode, cache=not args.no_cache, progress=not args.no_progress,
+                          gradients=getattr(args, "gradients", "auto"))
 
 
 def run(args) -> int:
@@ -106,6 +110,7 @@ def run(args) -> int:
     info = result.info
     top = ", ".join(f"{v:.4g}" for v in result.eigenvalues[:5])
     print(f"eNTK: n={info['n']} p={info['n_params']:,} strategy={info['strategy']} "
+          f"gradients={info.get('per_example_gradients')} "
           f"time={info['seconds']['total']:.1f}s peak RSS={info['peak_rss_gb']:.2f} GB")
     print(f"top eigenvalues of K/n: {top}")
     if "sketch_rel_error_on_check" in info:

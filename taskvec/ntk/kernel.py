@@ -378,7 +378,7 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
                 "examples": _examples_hash(examples), "strategy": pl.strategy, "mode": mode,
                 "sketch": sketch if pl.strategy == "sketch" else None,
                 "sketch_dim": pl.sketch_dim or None, "seed": seed, "top_k": top_k, "dtype": str(dtype),
-                "storage": pl.storage}
+                "storage": pl.storage, "gradients": gradients}
     key = content_hash(settings)
     folder = cache_dir() / "ntk" / key
     if cache and (folder / "ntk.json").is_file():
