@@ -221,7 +221,7 @@ class PerExampleGrads:
                         if g is None:
                             written.add(name)
                         elif name in written:
-                            view += g.reshape(b, size)
+                            view += g.reshape(b, size).to(view.device)  # rows may live on the CPU
                         else:
                             view.copy_(g.reshape(b, size))
                             written.add(name)
@@ -239,7 +239,7 @@ class PerExampleGrads:
         ref = torch.autograd.grad(y.sum(), [params[n] for n in names], allow_unused=True)
         total = out.sum(dim=(0, 1))
         ref = [torch.zeros(self.offsets[n][1], dtype=total.dtype, device=total.device) if r is None
-               else r.reshape(-1).to(total.dtype) for n, r in zip(names, ref)]
+               else r.reshape(-1).to(device=total.device, dtype=total.dtype) for n, r in zip(names, ref)]
         rtol = 1e-9 if total.dtype == torch.float64 else 1e-3
         overall = float(torch.sqrt(sum(r.pow(2).sum() for r in ref)))
         for name, r in zip(names, ref):
