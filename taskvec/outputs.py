@@ -182,6 +182,7 @@ class OutputFunction:
 
         if kind not in OUTPUT_KINDS:
             raise TaskvecError(f"unknown output kind {kind!r}; choose one of {OUTPUT_KINDS}")
+        _refuse_mask_derived(model)
         self.kind, self.model, self.tokenizer, self.head = kind, model, tokenizer, head
         self.truncate_text = bool(truncate_text)  # right-truncate texts to max_length (as fine-tuning did)
         self.causal = _is_causal(model)
@@ -355,6 +356,24 @@ def make_output(kind: str, model: nn.Module, tokenizer, *, head: LinearHead | No
     token) instead of refusing them — what fine-tuning does, so the kernel is of the trained f."""
     return OutputFunction(kind, model, tokenizer, head=head, label_words=label_words, max_length=max_length,
                           truncate_text=truncate_text)
+
+
+# model types that build positions or ALiBi biases from the 2-D attention mask, which f cannot pass
+# (it passes a 4-D additive mask so that the same f works under vmap, jvp and the batched hooks)
+_MASK_DERIVED = {"opt": "position ids from the mask's cumulative sum", "bloom": "ALiBi biases from the mask",
+                 "mpt": "ALiBi biases from the mask"}
+
+
+def _refuse_mask_derived(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    why = _MASK_DERIVED.get(kind)
+    if kind == "falcon" and getattr(cfg, "alibi", False):
+        why = "ALiBi biases from the mask"
+    if why:
+        raise TaskvecError(f"model type {kind!r} is not supported yet: it derives {why}, and taskvec's output "
+                           f"functions pass a 4-D additive attention mask; use a model with rotary or learned "
+                           f"absolute positions (GPT-2, BERT, Llama, Qwen2, Mistral, Phi, GPT-NeoX, Falcon without ALiBi)")
 
 
 def _is_causal(model: nn.Module) -> bool:

@@ -137,6 +137,43 @@ def test_hook_and_vmap_gradients_agree_with_brute_force(arch, scope):
         assert rel(res.K, K_ref) < 1e-10
 
 
+def test_hooks_on_rotary_llama_label_word_logits_in_both_modes():
+    """Rotary tables are computed in float32 even in a float64 model; the first-block check must not
+    mistake that round-off (~1e-7) for a missing gradient (QA found this false alarm on Qwen2/Phi)."""
+    model, f, ex = setup("llama", kind="logits", label_words=[" dull", " wonderful", " boring"])
+    J = brute_jacobian(model, f, ex, scope="all")
+    K_ref = (J @ J.T).numpy()
+    for mode in ("block", "trace"):
+        res = compute_kernel(model, f, ex, scope="all", strategy="exact", mode=mode, block_size=2, progress=False,
+                             cache=False, gradients="hooks")
+        ref = K_ref if mode == "block" else K_ref.reshape(len(ex), 3, len(ex), 3).trace(axis1=1, axis2=3)
+        assert res.info["per_example_gradients"] == "hooks" and rel(res.K, ref) < 1e-10
+
+
+def test_model_with_a_scalar_tensor_is_digested():
+    from taskvec.ntk.kernel import model_digest
+
+    model, _, _ = setup("gpt2")
+    model.register_buffer("scale0d", torch.tensor(2.0))
+    a = model_digest(model)
+    model.scale0d.fill_(3.0)
+    assert a != model_digest(model)
+
+
+@pytest.mark.parametrize("cfg", ["opt", "bloom"])
+def test_mask_derived_position_models_are_refused_clearly(cfg):
+    import transformers as T
+
+    from tiny import tiny_tokenizer
+
+    model = (T.OPTForCausalLM(T.OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+                                          vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=32))
+             if cfg == "opt" else
+             T.BloomForCausalLM(T.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=128)))
+    with pytest.raises(TaskvecError, match=f"model type '{cfg}' is not supported yet"):
+        make_output("logprob", model, tiny_tokenizer())
+
+
 def test_hooks_fall_back_to_vmap_when_a_parameter_is_used_outside_its_module():
     """A model reading an in-scope weight directly (not through its module's forward) is caught by
     the first-block check: 'auto' falls back to vmap and stays exact, 'hooks' refuses."""

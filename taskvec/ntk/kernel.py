@@ -105,7 +105,7 @@ def model_digest(model: nn.Module) -> str:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 

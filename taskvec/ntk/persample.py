@@ -240,7 +240,10 @@ class PerExampleGrads:
         total = out.sum(dim=(0, 1))
         ref = [torch.zeros(self.offsets[n][1], dtype=total.dtype, device=total.device) if r is None
                else r.reshape(-1).to(device=total.device, dtype=total.dtype) for n, r in zip(names, ref)]
-        rtol = 1e-9 if total.dtype == torch.float64 else 1e-3
+        # float64 models still run some parts in float32 (transformers computes rotary tables in float32):
+        # jacrev and autograd then differ by ~1e-7 relative (QA: Qwen2/Mistral/Phi logits); a rule that
+        # misses a use of a weight is off by O(1)
+        rtol = 1e-6 if total.dtype == torch.float64 else 1e-3
         overall = float(torch.sqrt(sum(r.pow(2).sum() for r in ref)))
         for name, r in zip(names, ref):
             s, size = self.offsets[name]
