@@ -360,7 +360,6 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
 def _basic_stream(acc: _Acc, base: Checkpoint, fts: list, aligned: list, n: str, names: list, buf: _Buffers,
                   added: dict) -> None:
     """Base norm and Gram matrix of tensor `n`, reading base and fine-tunes block by block (positioned reads)."""
-    T = len(fts)
     numel = base.numel(n)
     X = buf.x
     for s in range(0, numel, _CHUNK):

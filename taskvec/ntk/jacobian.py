@@ -78,13 +78,17 @@ class RowEngine:
     def __call__(self, base, batch, *, mode: str = "trace", dtype=None, out: torch.Tensor | None = None):
         if self.hooks is not None:
             try:
-                target = out.view(batch["input_ids"].shape[0], self.output.m, self.space.p) \
-                    if out is not None and (dtype is None or out.dtype == dtype) else None
+                target = _target(out, (batch["input_ids"].shape[0], self.output.m, self.space.p), dtype)
                 rows = self.hooks.rows(base, batch, out=target)
                 return _finish(rows, mode, dtype)
             except Unsupported as exc:
                 self._unsupported(exc)
         return jacobian_rows(self.output, self.space, base, batch, mode=mode, dtype=dtype, out=out)
+
+
+def _target(out: torch.Tensor | None, shape: tuple, dtype) -> torch.Tensor | None:
+    """`out` viewed as `shape` when rows can be written into it directly (same dtype), else None."""
+    return out.view(shape) if out is not None and (dtype is None or out.dtype == dtype) else None
 
 
 def _finish(rows: torch.Tensor, mode: str, dtype) -> torch.Tensor:
@@ -117,8 +121,7 @@ def jacobian_rows(output: OutputFunction, space: ParamSpace, base: Mapping[str, 
 
             jac = vmap(jacrev(f), in_dims=(None, 0))(dict(base), dict(batch))  # name → [b, m, *shape]
     lead = (b,) if m == 1 else (b, m)
-    target = out.view(lead + (space.p,)) if out is not None and (dtype is None or out.dtype == dtype) else None
-    rows = space.flatten(jac, lead=len(lead), out=target)
+    rows = space.flatten(jac, lead=len(lead), out=_target(out, lead + (space.p,), dtype))
     del jac
     return _finish(rows.view(b, m, space.p), mode, dtype)
 

@@ -38,7 +38,7 @@ from ..io import atomic_dir, atomic_save_npy, atomic_write_json, cache_dir, cont
 from ..outputs import OutputFunction
 from .jacobian import ProbeBatch, RowEngine, per_example_bytes
 from .lanczos import KernelOperator, lanczos_topk
-from .params import ParamSpace, build_space
+from .params import build_space
 from .sketch import make_sketch, sketch_bound
 from .spectrum import spectrum
 
@@ -202,9 +202,9 @@ def _row_order(order: torch.Tensor, rows_per_ex: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- strategies
 class _Runner:
-    def __init__(self, output, space, base, probe, mode, dtype, progress, rows_method="auto"):
+    def __init__(self, output, space, base, probe, mode, dtype, progress, gradients="auto"):
         self.output, self.space, self.base, self.probe = output, space, base, probe
-        self.engine = RowEngine(output, space, rows_method)
+        self.engine = RowEngine(output, space, gradients)
         self.mode, self.dtype, self.progress = mode, dtype, progress
         self.r = output.m if mode == "block" else 1
         self.P = space.p * (output.m if mode == "trace" else 1)
@@ -274,14 +274,14 @@ class _Runner:
         panels = list(range(0, n, p.panel))
         total = sum(n - s for s in panels)
         Jp = torch.empty(min(p.panel, n) * self.r, self.P, dtype=self.dtype)  # allocated (and faulted in) once
-        group = max(p.block, min(p.group or GRAM_GROUP // self.r, n - min(p.panel, n))) if len(panels) > 1 else 0
-        buf = torch.empty(group * self.r, self.P, dtype=self.dtype) if group else None
+        group = max(1, min(p.group or GRAM_GROUP // self.r, n - min(p.panel, n)))  # examples per recomputed group
+        buf = torch.empty(group * self.r, self.P, dtype=self.dtype) if len(panels) > 1 else None
         with self.bar(total, f"eNTK recompute ({len(panels)} panels)") as bar:
             for s in panels:
                 e = min(s + p.panel, n)
                 a0, rows = s * self.r, (e - s) * self.r
                 self._stored_rows(Jp, K, a0, s, e, p, bar)
-                for g in range(e, n, group or 1):
+                for g in range(e, n, group):
                     h = min(g + group, n)
                     for r0, batch in self.sorted_blocks(p.block, g, h):
                         i0 = r0 - g * self.r

@@ -41,6 +41,15 @@ class ParamSpace:
         return sum(self.size(n) for n in self.names)
 
     @property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """name → (start, size) of its coordinates in the flattened vector, in `names` order."""
+        out, off = {}, 0
+        for n in self.names:
+            out[n] = (off, self.size(n))
+            off += out[n][1]
+        return out
+
+    @property
     def p_full(self) -> int:
         return sum(math.prod(self.shapes[n]) for n in self.names)
 
@@ -78,11 +87,8 @@ class ParamSpace:
         lead_shape = tuple(first.shape[:lead])
         if out is None:
             out = torch.empty(lead_shape + (self.p,), dtype=first.dtype, device=first.device)
-        off = 0
-        for n in self.names:
-            size = self.size(n)
+        for n, (off, size) in self.offsets.items():
             out[..., off:off + size] = grads[n].reshape(lead_shape + (size,))
-            off += size
         return out
 
     def describe(self) -> dict:

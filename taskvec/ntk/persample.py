@@ -6,7 +6,8 @@ on the modules that own in-scope parameters; autograd gives the gradient δ at e
 output (parameter gradients are never requested, so their GEMMs are skipped), and each module's
 per-example parameter gradient is formed from its input x and δ:
 
-- ``nn.Linear`` / GPT-2 ``Conv1D``: ∇W_i = Σ_t δ_i[t] x_i[t]ᵀ (one batched GEMM), ∇b_i = Σ_t δ_i[t];
+- ``nn.Linear`` / GPT-2 ``Conv1D``: ∇W_i = Σ_t δ_i[t] x_i[t]ᵀ (one GEMM per example, written straight
+  into its row of J), ∇b_i = Σ_t δ_i[t];
 - ``nn.Embedding``: δ_i[t] scattered into the rows of the token ids (padding_idx masked), restricted
   to the space's rows when the input embeddings are restricted;
 - any other module called with one tensor (LayerNorm, RMSNorm, …): vmap(vjp) of that module alone.
@@ -14,7 +15,7 @@ per-example parameter gradient is formed from its input x and δ:
 This is exact because examples do not interact in an eval-mode forward. The first block is checked:
 Σ_i of the per-example gradients must equal autograd's gradient of Σ_i f(x_i); a model that uses an
 in-scope parameter outside its module (or a module the rules cannot see into) fails that check or the
-capture, and :func:`taskvec.ntk.jacobian.jacobian_rows` falls back to vmap(grad) for good.
+capture, and :class:`taskvec.ntk.jacobian.RowEngine` falls back to vmap(grad) for good.
 """
 
 from __future__ import annotations
@@ -63,11 +64,7 @@ class PerExampleGrads:
         self._buffers: dict[str, torch.Tensor] = {}
         model = output.model
         canonical = {id(p): n for n, p in model.named_parameters()}
-        offsets, off = {}, 0
-        for n in space.names:
-            offsets[n] = (off, space.size(n))
-            off += space.size(n)
-        self.offsets = offsets
+        self.offsets = offsets = space.offsets
         # every (module, attribute) through which an in-scope parameter is reached (tied weights: several)
         self.owners: dict[str, tuple[nn.Module, str, dict[str, str]]] = {}
         for mname, mod in model.named_modules():

@@ -108,9 +108,10 @@ SECTIONS = [
 
 def caveats(results: dict) -> dict[str, str]:
     """Section title → a warning the numbers need (read off the results, never assumed)."""
-    notes = {}
+    notes: dict[str, list[str]] = {}
+    stopping, arithmetic = "Early stopping and kernel predictors", "Task arithmetic"
     if results.get("metric") == "nll":
-        notes["Early stopping and kernel predictors"] = (
+        notes.setdefault(stopping, []).append(
             "The kernel columns score the linearised model f₀ + J(θ − θ₀) fitted by squared loss toward "
             "log-probability 0: a linear 'log-probability' is not normalised and can approach 0 freely, so a "
             "kernel NLL below the fine-tune's says the kernel regime fits the targets, not that it is a better "
@@ -121,17 +122,17 @@ def caveats(results: dict) -> dict[str, str]:
         if pred and meas and (pred / meas > 10 or pred / meas < 0.1):
             off.append(f"{t} (T̂ → {pred:.3g} epochs vs {meas:g} measured; σ̂ = {th.get('sigma', float('nan')):.3g})")
     if off:
-        notes["Early stopping and kernel predictors"] = (notes.get("Early stopping and kernel predictors", "") + (
-            " The stopping rule is off by more than 10× for " + "; ".join(off) + ": T̂ scales with 1/σ̂², so a "
+        notes.setdefault(stopping, []).append(
+            "The stopping rule is off by more than 10× for " + "; ".join(off) + ": T̂ scales with 1/σ̂², so a "
             "noise estimate near 0 (the residuals look smooth to the kernel) sends it far out; `taskvec theory` "
-            "takes a given --sigma or other estimators (docs/theory.md).")).strip()
+            "takes a given --sigma or other estimators (docs/theory.md).")
     far = sorted(t for t, v in (results.get("linearisation") or {}).items()
                  for row in v["rows"] if row["alpha"] == 1.0 and row["relative_error"] > 1.0)
     if far:
-        notes["Task arithmetic"] = (
+        notes.setdefault(arithmetic, []).append(
             f"The linearisation error at α = 1 exceeds 1 for {', '.join(far)}: these fine-tunes left the "
             "kernel regime, so the linearised predictions below are not expected to hold.")
-    return notes
+    return {title: " ".join(parts) for title, parts in notes.items()}
 
 
 def render_report(results: dict, out_dir, formats=("png", "pdf"), style: str = "paper") -> list[dict]:
