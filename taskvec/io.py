@@ -93,22 +93,47 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return Path(path)
 
 
+OUTPUT_MARKER = ".taskvec-output"
+# what folders written before the marker existed hold: a report's, a kernel's or a merged model's record
+_EARLIER_OUTPUTS = ("results.json", "ntk.json", "vectors.json", "theory.json", "projection.json", "check.json",
+                    "taskvec_merge.json", "taskvec_applied.json")
+
+
+def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise unless `atomic_dir(path, overwrite=…)` may write there (call it before long work)."""
+    from .errors import TaskvecError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TaskvecError(f"{path} is a file, not a folder; choose another --out")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise TaskvecError(f"{path} already exists and is not empty; choose another --out, remove it, or pass "
+                           f"--overwrite if taskvec wrote it")
+    cache = cache_dir().resolve()
+    ours = any((path / f).is_file() for f in (OUTPUT_MARKER,) + _EARLIER_OUTPUTS)
+    if not ours and cache not in path.resolve().parents:
+        raise TaskvecError(f"{path} was not written by taskvec (no {OUTPUT_MARKER}): --overwrite only replaces "
+                           f"taskvec's own output folders; choose another --out or remove it yourself")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place when complete.
 
     An interrupted run leaves only a hidden `.NAME.partial-*` folder, never a folder that looks done.
+    `overwrite` replaces only a folder taskvec wrote (it carries `OUTPUT_MARKER`) or one inside its cache:
+    never a file, a model folder or anything else a user could lose.
     """
+    check_out_dir(path, overwrite=overwrite)
     path = Path(path)
-    if path.exists() and not overwrite and any(path.iterdir()):
-        from .errors import TaskvecError
-
-        raise TaskvecError(f"{path} already exists and is not empty; choose another --out or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by taskvec; `--overwrite` may replace this folder\n")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")

@@ -37,7 +37,10 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import TaskvecError
+    from ..io import check_out_dir
     from ..merge.check import check_merge, write_check
+
+    check_out_dir(args.out)  # before the long tensor pass, not after it
 
     if args.data is not None and args.output is None:
         raise TaskvecError("--data needs --output (regression, logits, margin, logprob or logprob-mean)")
@@ -59,9 +62,8 @@ def run(args) -> int:
             head=args.head, max_length=args.max_length, scope=args.scope, batch_size=args.batch_size,
             progress=not args.no_progress)
         rep["findings"] = rep["findings"] + verdicts(rep["retention"])
-    path = write_check(rep, args.out)
-    if "retention" in rep:
-        retention_figure(rep["retention"], args.out)
+    path = write_check(rep, args.out,
+                       extra=(lambda d: retention_figure(rep["retention"], d)) if "retention" in rep else None)
     print(f"{rep['classification']}: λ = [{', '.join(f'{x:.6g}' for x in rep['lambda_global'])}]  "
           f"({rep['n_tensors_checked']} tensors; report {path})")
     for f in rep["findings"]:

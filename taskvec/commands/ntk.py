@@ -90,7 +90,9 @@ def kernel_from_args(args, model, output, examples):
 
 
 def run(args) -> int:
-    from ..io import atomic_dir
+    from ..io import atomic_dir, check_out_dir
+
+    check_out_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after it
 
     model, output, examples, desc = load_setup(args)
     result = kernel_from_args(args, model, output, examples)

@@ -59,7 +59,9 @@ def run(args) -> int:
     import torch
 
     from ..errors import TaskvecError
-    from ..io import atomic_dir, atomic_save_npy, atomic_write_json
+    from ..io import atomic_dir, check_out_dir, atomic_save_npy, atomic_write_json
+
+    check_out_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after it
     from ..ntk import KernelResult, finite_difference, jvp, match_direction, project, random_control
 
     model, output, examples, desc = load_setup(args)

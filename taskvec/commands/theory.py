@@ -111,7 +111,9 @@ def _read_curve(path: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from .. import __version__
-    from ..io import atomic_dir, atomic_write_json, sha256_file
+    from ..io import atomic_dir, check_out_dir, atomic_write_json, sha256_file
+
+    check_out_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after it
     from ..theory import figures
     from ..theory.stopping import rkhs_radius, sigma_heldout, sigma_krr, sigma_spectral_tail
     from ..theory.summary import analyse_spectrum

@@ -41,7 +41,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import TaskvecError
-    from ..io import atomic_dir, atomic_path, atomic_write_json
+    from ..io import atomic_dir, check_out_dir, atomic_path, atomic_write_json
+
+    check_out_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after it
     from ..vector_stats import collection_stats
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import align, open_checkpoint
 from ..errors import TaskvecError
-from ..io import atomic_write_json
+from ..io import atomic_dir, atomic_write_json
 from ..scope import group_of, resolve_scope
 from . import signatures as sig
 from .retention import predicted_retention  # noqa: F401  (re-exported hook)
@@ -370,12 +370,15 @@ def _rescale_convention(rep: dict) -> str:
     return "per-tensor factor (consistent with mergekit's L1-preserving rescale)"
 
 
-def write_check(report: dict, out_dir: str | Path) -> Path:
-    """Write out_dir/check.json and the per-layer λ / residual figure (PNG + PDF); return check.json's path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _figure(report, out_dir)
-    return atomic_write_json(out_dir / "check.json", report)
+def write_check(report: dict, out_dir: str | Path, extra=None) -> Path:
+    """Write out_dir/check.json and the per-layer λ / residual figure (PNG + PDF), all at once (atomic_dir);
+    `extra(folder)` may add more files first. Returns check.json's path."""
+    with atomic_dir(out_dir) as tmp:
+        _figure(report, tmp)
+        if extra is not None:
+            extra(tmp)
+        atomic_write_json(tmp / "check.json", report)
+    return Path(out_dir) / "check.json"
 
 
 def _layer_order(g: str):
