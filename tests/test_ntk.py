@@ -10,7 +10,7 @@ from taskvec.models import load_model
 from taskvec.ntk import (build_space, compute_kernel, cross_task, eigendirections, finite_difference, jvp,
                          kernel_alignment, principal_angles, project, random_control, random_like, spectrum)
 from taskvec.ntk.kernel import KernelResult
-from taskvec.ntk.sketch import sketch_bound
+from taskvec.ntk.sketch import CountSketch, sketch_bound
 from taskvec.outputs import LinearHead, make_output
 from tiny import tiny_model, tiny_tokenizer
 
@@ -212,6 +212,39 @@ def test_sketch_within_stated_bound_and_unbiased(kind):
         errs.append(rel(r.K, K))
         mean += r.K / seeds
     assert rel(mean, K) < np.mean(errs)  # averaging independent sketches converges to K
+
+
+def test_countsketch_is_its_dense_matrix_and_leaves_rows_alone():
+    cs = CountSketch(1000, 64, seed=3)
+    bucket, negative = cs.slot.long() % 64, cs.slot.long() >= 64
+    S = torch.zeros(1000, 64, dtype=torch.float64)
+    S[torch.arange(1000), bucket] = torch.where(negative, -1.0, 1.0).double()
+    assert 0.3 < negative.double().mean() < 0.7 and len(bucket.unique()) == 64
+    rows = torch.randn(5, 1000, dtype=torch.float64)
+    before = rows.clone()
+    assert torch.allclose(cs(rows), rows @ S, rtol=1e-12, atol=1e-12) and torch.equal(rows, before)
+    with pytest.raises(ValueError, match="length 1000"):
+        cs(rows[:, :10])
+
+
+def test_sketch_check_is_the_within_block_error():
+    from taskvec.ntk.jacobian import ProbeBatch
+
+    model, f, ex = setup("llama")
+    J = ref_jacobian("llama")
+    K = (J @ J.T).numpy()
+    k = 1024
+    r = compute_kernel(model, f, ex, strategy="sketch", sketch_dim=k, block_size=3, progress=False, cache=False)
+    order = ProbeBatch(f, ex).order.numpy()
+    blocks = [order[s:s + 3] for s in range(0, len(ex), 3)]  # 3, 3, 1 examples in sorted order
+    err2 = sum(np.sum((r.K[np.ix_(b, b)] - K[np.ix_(b, b)]) ** 2) for b in blocks)
+    ref2 = sum(np.sum(K[np.ix_(b, b)] ** 2) for b in blocks)
+    assert r.info["check_rows"] == len(ex)
+    assert r.info["sketch_rel_error_on_check"] == pytest.approx(np.sqrt(err2 / ref2), rel=1e-6)
+    tr2 = sum(np.trace(K[np.ix_(b, b)]) ** 2 for b in blocks)
+    assert r.info["sketch_rel_bound_on_check_delta_0.05"] == pytest.approx(
+        sketch_bound(np.sqrt(tr2), k) / np.sqrt(ref2), rel=1e-6)
+    assert r.info["sketch_rel_error_on_check"] <= r.info["sketch_rel_bound_on_check_delta_0.05"]
 
 
 def test_lanczos_topk_matches_exact_eigenvalues():

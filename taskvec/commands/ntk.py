@@ -116,7 +116,7 @@ def run(args) -> int:
           f"time={info['seconds']['total']:.1f}s peak RSS={info['peak_rss_gb']:.2f} GB")
     print(f"top eigenvalues of K/n: {top}")
     if "sketch_rel_error_on_check" in info:
-        print(f"sketch error on {info['check_rows']} rows: {info['sketch_rel_error_on_check']:.3g} "
+        print(f"sketch error on the within-block entries of {info['check_rows']} rows: {info['sketch_rel_error_on_check']:.3g} "
               f"(bound at δ=0.05: {info['sketch_rel_bound_on_check_delta_0.05']:.3g})")
     print(f"written: {args.out}")
     return 0

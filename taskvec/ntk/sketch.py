@@ -1,6 +1,6 @@
 """Unbiased random sketches of Jacobian rows: Φ = J S with E[S Sᵀ] = I, so E[ΦΦᵀ] = JJᵀ.
 
-- CountSketch: coordinate j goes to bucket h(j) with sign s(j) (O(p) per row, no matmul).
+- CountSketch: coordinate j goes to bucket h(j) with sign s(j) (one streaming pass per row, no matmul).
 - Gaussian: S has i.i.d. N(0, 1/k) entries, generated in seeded column chunks (never stored whole).
 
 For either, Var[(ΦΦᵀ)_ij] ≤ 2‖J_i‖²‖J_j‖²/k, hence E‖ΦΦᵀ − K‖_F² ≤ (2/k)(tr K)² and, by Markov,
@@ -10,6 +10,7 @@ For either, Var[(ΦΦᵀ)_ij] ≤ 2‖J_i‖²‖J_j‖²/k, hence E‖ΦΦᵀ �
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -22,19 +23,38 @@ def sketch_bound(trace: float, k: int, delta: float = 0.05) -> float:
 
 
 class CountSketch:
-    """Seeded CountSketch R^P → R^k."""
+    """Seeded CountSketch R^P → R^k.
+
+    The sign is folded into the bucket: coordinate j adds to slot h(j) + k·[s(j) < 0] of a 2k-vector,
+    and Φ = first half − second half. So a row is read once, never multiplied or modified, and the
+    int32 slot index costs half the bandwidth of int64. Rows are spread over the intra-op threads.
+    """
 
     def __init__(self, P: int, k: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.P, self.k = P, k
-        self.bucket = torch.randint(0, k, (P,), generator=g)
-        self.sign = torch.randint(0, 2, (P,), generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
+        bucket = torch.randint(0, k, (P,), generator=g)
+        negative = torch.randint(0, 2, (P,), generator=g, dtype=torch.int8) == 0
+        self.slot = bucket.add_(negative.to(torch.int64) * k).to(torch.int32)
 
-    def __call__(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-        """Φ = rows S; `overwrite=True` lets the signs be applied in place (no temporary of rows' size)."""
-        signed = rows.mul_(self.sign.to(rows.dtype)) if overwrite else rows * self.sign.to(rows.dtype)
-        out = torch.zeros(rows.shape[0], self.k, dtype=rows.dtype)
-        return out.index_add_(1, self.bucket, signed)
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """Φ = rows S (rows are left unchanged)."""
+        if rows.dim() != 2 or rows.shape[1] != self.P:
+            raise ValueError(f"CountSketch expects rows of length {self.P}, got shape {tuple(rows.shape)}")
+        halves = torch.zeros(rows.shape[0], 2 * self.k, dtype=rows.dtype)
+        rows = rows.cpu()
+
+        def one(i: int) -> None:
+            halves[i].index_add_(0, self.slot, rows[i])
+
+        workers = min(rows.shape[0], torch.get_num_threads())
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(one, range(rows.shape[0])))
+        else:
+            for i in range(rows.shape[0]):
+                one(i)
+        return halves[:, :self.k] - halves[:, self.k:]
 
 
 class GaussianSketch:
@@ -43,7 +63,7 @@ class GaussianSketch:
     def __init__(self, P: int, k: int, seed: int = 0, chunk: int = 8192):
         self.P, self.k, self.seed, self.chunk = P, k, seed, chunk
 
-    def __call__(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(rows.shape[0], self.k, dtype=rows.dtype)
         scale = 1.0 / math.sqrt(self.k)
         for c, start in enumerate(range(0, self.P, self.chunk)):
