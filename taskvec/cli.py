@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -29,7 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_transformers() -> None:
-    """taskvec shows its own progress; transformers' per-load bars and load reports are noise here."""
+    """taskvec shows its own progress; transformers' per-load bars and load reports are noise here.
+
+    Before transformers is imported this only sets its environment switches, so commands that never
+    load a model (vectors, merge, scopes) do not pay the ~1 s import."""
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     try:
         from transformers.utils import logging as hf_logging
 

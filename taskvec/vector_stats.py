@@ -217,6 +217,13 @@ def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0,
         torch.set_num_threads(prev)
 
 
+def _prefetch(name: str, base: Checkpoint, fts: list[Checkpoint], aligned) -> None:
+    base.prefetch(name)
+    for ft, (al, _, _) in zip(fts, aligned):
+        if name in al.pairs:
+            ft.prefetch(al.pairs[name])
+
+
 def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n_singular, dtype, progress,
                       allow_network, signs) -> CollectionStats:
     t0 = time.perf_counter()
@@ -255,7 +262,9 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
     added = {name: {} for name in names}
     total = _Acc(T, ks)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="task vectors", disable=not progress)
-    for n in work:
+    for i, n in enumerate(work):
+        if i + 1 < len(work):  # the OS reads the next tensor of every checkpoint while this one is computed
+            _prefetch(work[i + 1], base, fts, aligned)
         acc = _Acc(T, ks)
         shape = tuple(base.shape(n))
         numel = math.prod(shape)

@@ -277,3 +277,28 @@ def test_real_gguf_dequantised_and_cached(tmp_path, monkeypatch):
     t = time.perf_counter()
     again = open_checkpoint(gguf)  # served from the safetensors cache
     assert time.perf_counter() - t < 5 and again.keys() == ck.keys()
+
+
+def test_prefetch_hints_exactly_the_tensor_bytes(coll, monkeypatch):
+    """prefetch asks the OS for each tensor's own byte range (sharded bf16 and LoRA included)."""
+    import os
+
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), off, n, advice)), raising=False)
+    for src in (coll["ft"][0], coll["ft0_bf16_sharded"]):
+        ck = open_checkpoint(src)
+        for name in ck.keys():
+            calls.clear()
+            ck.prefetch(name)
+            (path, off, n, advice), = calls
+            assert advice == os.POSIX_FADV_WILLNEED and path == os.path.realpath(ck.tensor_file(name))
+            with open(path, "rb") as fh:
+                fh.seek(off)
+                raw = fh.read(n)
+            got = torch.frombuffer(bytearray(raw), dtype=ck.dtype(name)).reshape(ck.shape(name))
+            assert torch.equal(got, ck.get(name, dtype=None)), name
+    open_checkpoint(coll["ft0_pt"]).prefetch(next(iter(open_checkpoint(coll["ft0_pt"]).keys())))  # no byte ranges: no-op
+    calls.clear()
+    open_checkpoint(coll["ft"][0]).prefetch("no.such.tensor")
+    assert not calls

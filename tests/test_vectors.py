@@ -132,3 +132,20 @@ def test_bad_inputs(tmp_path):
         TaskVector.from_checkpoints(tmp_path / "base", tmp_path / "bert", progress=False)
     with pytest.raises(TaskvecError, match="different bases"):
         TaskVector({"a": torch.ones(2)}) + TaskVector({"a": torch.ones(3)})
+
+
+def test_vectors_command_does_not_import_transformers(coll, tmp_path):
+    """`taskvec vectors` reads tensors only: it must not pay the transformers import (≈ 1 s per run)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom taskvec.cli import main\n"
+            f"rc = main(['vectors', {str(coll['base'])!r}, {str(coll['ft'][0])!r}, {str(coll['ft'][1])!r}, "
+            f"'--basic', '--no-figures', '--no-progress', '--out', {str(tmp_path / 'v')!r}])\n"
+            "print('LOADED', 'transformers' in sys.modules, rc)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert "LOADED False 0" in out
+    assert json.loads((tmp_path / "v" / "vectors.json").read_text())["tasks"] == ["ft0", "ft1"]
