@@ -92,8 +92,8 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, _TensorInfo], dict]:
             raise TaskvecError(f"{path}: tensor {name!r} byte range {b}..{e} does not match shape {shape}; {fix}")
         if start + e > size:
             raise TaskvecError(
-                f"{path}: tensor {name!r} ends at byte {start + e} but the file has only {size} bytes "
-                f"(truncated); {fix}")
+                f"{path}: tensor {name!r} ends at byte {start + e} but the file has only {size} bytes: the "
+                f"file is truncated; re-download or re-save it")
         infos[name] = _TensorInfo(path, dtype, shape, start + b, e - b)
     return infos, meta
 

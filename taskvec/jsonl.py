@@ -21,26 +21,28 @@ def read_jsonl(path, *, limit: int | None = None) -> list[dict]:
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise TaskvecError(f"{path}:{line}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
-    if True:
-        for lineno, line in enumerate(text.splitlines(keepends=True), 1):
-            if not line.strip():
-                raise TaskvecError(f"{path}:{lineno}: empty line; every line must hold one JSON object "
-                                   f"(remove blank lines)")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskvecError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise TaskvecError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if not any(fields <= obj.keys() for fields in FIELD_SETS):
-                raise TaskvecError(f"{path}:{lineno}: needs fields 'prompt'+'target' or 'text' (+'label'); "
-                                   f"got {sorted(obj)}")
-            for key in ("prompt", "target", "text"):
-                if key in obj and not isinstance(obj[key], str):
-                    raise TaskvecError(f"{path}:{lineno}: field {key!r} must be a string")
-            rows.append(obj)
-            if limit is not None and len(rows) >= limit:
-                break
+    lines = text.splitlines(keepends=True)
+    while lines and not lines[-1].strip():  # blank lines at the end of the file are harmless
+        lines.pop()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            raise TaskvecError(f"{path}:{lineno}: empty line; every line must hold one JSON object "
+                               f"(remove blank lines)")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TaskvecError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise TaskvecError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if not any(fields <= obj.keys() for fields in FIELD_SETS):
+            raise TaskvecError(f"{path}:{lineno}: needs fields 'prompt'+'target' or 'text' (+'label'); "
+                               f"got {sorted(obj)}")
+        for key in ("prompt", "target", "text"):
+            if key in obj and not isinstance(obj[key], str):
+                raise TaskvecError(f"{path}:{lineno}: field {key!r} must be a string")
+        rows.append(obj)
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise TaskvecError(f"{path}: no examples (the file is empty)")
     return rows

@@ -36,6 +36,12 @@ HEAD_FILE = "taskvec_head.safetensors"
 
 
 # --------------------------------------------------------------------------------------- heads
+def _describe(ex: Mapping) -> str:
+    """The start of an example's text, to find it in the data file."""
+    text = str(ex.get("prompt", "")) + str(ex.get("target", "")) if "prompt" in ex else str(ex.get("text", ""))
+    return repr(text[:40] + ("…" if len(text) > 40 else ""))
+
+
 class LinearHead(nn.Module):
     """Frozen linear map pooled-hidden → R^m, stored as ``taskvec_head.safetensors`` (weight [m, hidden], bias [m])."""
 
@@ -188,6 +194,8 @@ class OutputFunction:
         self.causal = _is_causal(model)
         ctx = context_length(model)
         self.max_length = min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
+        self._length_source = ("--max-length" if max_length and (not ctx or max_length <= ctx)
+                               else "the model's context length")
         self.label_words = list(label_words) if label_words else None
         self.label_ids: torch.Tensor | None = None
         if kind in ("logprob", "logprob-mean") and not self.causal:
@@ -244,8 +252,10 @@ class OutputFunction:
         for i, ex in enumerate(examples):
             ids, start, stop, label = self._encode_one(i, ex)
             if self.max_length and len(ids) > self.max_length:
-                raise TaskvecError(f"example {i}: {len(ids)} tokens exceed the model's context of "
-                                   f"{self.max_length}; shorten it or raise --max-length within the context")
+                fix = ("shorten it or raise --max-length" if self._length_source == "--max-length"
+                       else "shorten it (the model cannot read longer sequences)")
+                raise TaskvecError(f"example {i} of the probe set ({_describe(ex)}): {len(ids)} tokens exceed "
+                                   f"{self._length_source} ({self.max_length}); {fix}")
             seqs.append(ids)
             extra["start"].append(start)
             extra["stop"].append(stop)

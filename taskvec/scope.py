@@ -85,6 +85,11 @@ def resolve_scope(names: Iterable[str], scope: str | Iterable[str] | None = "bod
         out = [n for n in names if rx.search(n)]
     if not out:
         ex = ", ".join(names[:3])
+        known = [p for p in parts if p in PRESETS]
+        if len(parts) > 1 and known:
+            unknown = [p for p in parts if p not in PRESETS]
+            raise TaskvecError(f"scope {scope!r}: {', '.join(repr(u) for u in unknown)} is not a preset; join "
+                               f"presets ({', '.join(PRESETS)}) with '+', or give one regular expression")
         raise TaskvecError(f"scope {scope!r} selects none of the {len(names)} tensors (e.g. {ex}); use one of "
                            f"{', '.join(PRESETS)} or a regular expression matching these names")
     return out

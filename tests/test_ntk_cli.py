@@ -123,6 +123,10 @@ def test_bad_input_errors(causal, tmp_path, capsys):
     bad.write_text(json.dumps(PAIRS[0]) + "\n\n" + json.dumps(PAIRS[1]) + "\n")
     rc, err = _err(["ntk", str(base), "--data", str(bad)] + common + [str(tmp_path / "o1")], capsys)
     assert rc == 2 and "bad.jsonl:2: empty line" in err
+    from taskvec.jsonl import read_jsonl
+
+    bad.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps(PAIRS[1]) + "\n\n  \n")  # blank lines at the end
+    assert read_jsonl(bad) == PAIRS[:2]
     bad.write_text(json.dumps(PAIRS[0]) + "\n{\"prompt\": \"x\", \"target\n")
     rc, err = _err(["ntk", str(base), "--data", str(bad)] + common + [str(tmp_path / "o2")], capsys)
     assert rc == 2 and "bad.jsonl:2: malformed JSON" in err
@@ -134,7 +138,7 @@ def test_bad_input_errors(causal, tmp_path, capsys):
     assert rc == 2 and "example 1: target '   ' tokenises to nothing" in err
     _jsonl(bad, [{"prompt": "the " * 80, "target": " 7"}])
     rc, err = _err(["ntk", str(base), "--data", str(bad)] + common + [str(tmp_path / "o5")], capsys)
-    assert rc == 2 and "exceed the model's context of 64" in err
+    assert rc == 2 and "exceed the model's context length (64)" in err
     rc, err = _err(["ntk", str(base), "--data", str(data), "--scope", "nothing_matches_this"] + common
                    + [str(tmp_path / "o6")], capsys)
     assert rc == 2 and "selects none" in err

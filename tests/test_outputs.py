@@ -105,8 +105,12 @@ def test_bad_inputs(tmp_path):
     f = make_output("logprob", causal, tok)
     with pytest.raises(TaskvecError, match="example 1: target '' tokenises to nothing"):
         f.encode([PAIRS[0], {"prompt": "the", "target": ""}])
-    with pytest.raises(TaskvecError, match="exceed the model's context of 64"):
+    with pytest.raises(TaskvecError, match=r"example 0 of the probe set \('the the .*exceed the model's context "
+                                           r"length \(64\); shorten it"):
         f.encode([{"prompt": "the " * 70, "target": " 7"}])
+    short = make_output("logprob", causal, tok, max_length=8)
+    with pytest.raises(TaskvecError, match=r"exceed --max-length \(8\); shorten it or raise --max-length"):
+        short.encode([{"prompt": "the " * 9, "target": " 7"}])
     with pytest.raises(TaskvecError, match="needs 'prompt' and 'target'"):
         f.encode([{"text": "hello"}])
     with pytest.raises(TaskvecError, match="unknown output kind"):

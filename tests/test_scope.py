@@ -90,6 +90,8 @@ def test_regex_lists_and_errors():
         resolve_scope(names, "mlp[")
     with pytest.raises(TaskvecError, match="selects none"):
         resolve_scope(names, "c_attn")
+    with pytest.raises(TaskvecError, match="'nonsense' is not a preset"):
+        resolve_scope(names, "qkv+nonsense")
     with pytest.raises(TaskvecError, match="lacks"):
         resolve_scope(names, ["nope.weight"])
 

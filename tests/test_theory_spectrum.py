@@ -45,6 +45,8 @@ def test_window_and_noise_cut_are_stated_and_respected():
     assert d["parameter"] == "beta" and d["window"] == (5, 40)
     with pytest.raises(TaskvecError, match="window"):
         fit_decay(mu, window=(1, 2))
+    with pytest.raises(TaskvecError, match=r"window \[5, 2\] must be FIRST ≤ LAST"):
+        fit_decay(mu, window=(5, 2))
     with pytest.raises(TaskvecError, match="NaN"):
         fit_decay(np.array([1.0, np.nan, 0.1]))
     with pytest.raises(TaskvecError, match="PSD"):

@@ -87,6 +87,9 @@ def resolve_window(n_total: int, n_above_tol: int, window=None) -> tuple[int, in
         lo, hi = 1, min(n_above_tol, max(3, int(np.ceil(n_total / 2))))
     else:
         lo, hi = int(window[0]), int(window[1]) if window[1] is not None else n_above_tol
+    if window is not None and (lo < 1 or (window[1] is not None and hi < lo)):
+        raise TaskvecError(f"decay-fit window [{window[0]}, {window[1]}] must be FIRST ≤ LAST, both ≥ 1 "
+                           f"(1-based eigenvalue indices, e.g. --window 1 20)")
     hi = min(hi, n_above_tol)
     if lo < 1 or hi - lo + 1 < 3:
         raise TaskvecError(
