@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .checkpoints import Checkpoint, check_finite, open_checkpoint
 from .errors import TaskvecError
 from .scope import group_of, layer_of
-from .vectors import extract_pairs
+from .vectors import default_task_names, extract_pairs
 
 __all__ = ["CollectionStats", "collection_stats", "collection_statistics", "effective_rank"]
 
@@ -161,29 +161,13 @@ def collection_statistics(base, fts, names=None, scope="body", **kwargs) -> dict
     return collection_stats(base, fts, names, scope, **kwargs).to_dict()
 
 
-def _default_names(sources: list[str]) -> list[str]:
-    """Shortest path suffixes that tell the sources apart (…/movies/epoch-3 vs …/nyt/epoch-3)."""
-    parts = [Path(s.rstrip("/")).parts or (s,) for s in sources]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        tails = [p[-depth:] for p in parts]
-        names = ["/".join(t) for t in tails]
-        if len(set(names)) == len(names):
-            if depth > 2 and all(len(t) == depth for t in tails):  # drop components shared by all
-                same = {i for i in range(1, depth - 1) if len({t[i] for t in tails}) == 1}
-                short = ["/".join(c for i, c in enumerate(t) if i not in same) for t in tails]
-                if len(set(short)) == len(short):
-                    return short
-            return names
-    return [f"{n}#{i}" for i, n in enumerate(names)]
-
-
 def _resolve_inputs(base, fts, names, scope, allow_network):
     base = open_checkpoint(base, allow_network=allow_network)
     fts = [open_checkpoint(f, allow_network=allow_network) for f in fts]
     if not fts:
         raise TaskvecError("give at least one fine-tuned checkpoint")
     if names is None:
-        names = _default_names([f.source for f in fts])
+        names = default_task_names([f.source for f in fts])
     names = list(names)
     if len(names) != len(fts):
         raise TaskvecError(f"--names has {len(names)} entries for {len(fts)} fine-tunes; give one name per fine-tune")

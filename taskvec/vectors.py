@@ -295,3 +295,21 @@ class TaskVector:
                                                              "task_vector": {k: v for k, v in self.meta.items()
                                                                              if k != "alignment"}})
         return Path(out_dir)
+
+
+def default_task_names(sources: list[str]) -> list[str]:
+    """Shortest path suffixes that tell the sources apart (…/movies/epoch-3 vs …/nyt/epoch-3)."""
+    if not sources:
+        return []
+    parts = [Path(s.rstrip("/")).parts or (s,) for s in sources]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        tails = [p[-depth:] for p in parts]
+        names = ["/".join(t) for t in tails]
+        if len(set(names)) == len(names):
+            if depth > 2 and all(len(t) == depth for t in tails):  # drop components shared by all
+                same = {i for i in range(1, depth - 1) if len({t[i] for t in tails}) == 1}
+                short = ["/".join(c for i, c in enumerate(t) if i not in same) for t in tails]
+                if len(set(short)) == len(short):
+                    return short
+            return names
+    return [f"{n}#{i}" for i, n in enumerate(names)]

@@ -124,11 +124,11 @@ def test_flags_task_left_out(coll, tmp_path):
     out = merge_checkpoints(base, fts[:2], "task_arithmetic", MergeParams(), tmp_path / "m", progress=False)
     rep = check_merge(base, out, fts, progress=False)
     left = [f for f in rep["findings"] if f["finding"] == "task_left_out"]
-    assert len(left) == 1 and str(fts[2]) in left[0]["message"]
+    assert len(left) == 1 and f"task 2 ({fts[2].name})" in left[0]["message"]
     out = merge_checkpoints(base, fts[:2], "ties", MergeParams(densities=(0.5,)), tmp_path / "t", progress=False)
     rep = check_merge(base, out, fts, progress=False)
     left = [f for f in rep["findings"] if f["finding"] == "task_left_out"]
-    assert len(left) == 1 and str(fts[2]) in left[0]["message"]
+    assert len(left) == 1 and f"task 2 ({fts[2].name})" in left[0]["message"]
 
 
 def test_flags_merge_built_on_another_base(coll, tmp_path):

@@ -112,7 +112,7 @@ def test_cli_check_merge_and_strict(coll, tmp_path, capsys):
             "--out", str(tmp_path / "chk"), "--no-progress", "--strict"]
     assert main(args) == 1  # --strict: an error-level finding (a task left out) fails the check
     out = capsys.readouterr().out
-    assert "task_left_out" in out and str(fts[1]) in out
+    assert "task_left_out" in out and f"task 1 ({fts[1].name})" in out
     rep = json.loads((tmp_path / "chk" / "check.json").read_text())
     assert abs(rep["lambda_global"][0] - 0.7) <= 1e-5 and abs(rep["lambda_global"][1]) <= 1e-5
     assert (tmp_path / "chk" / "check_merge_layers.png").is_file()

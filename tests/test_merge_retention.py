@@ -255,3 +255,25 @@ def test_pooler_left_out(tmp_path):
                                progress=False)
     assert ret["tensors_not_in_model"] == ["pooler.dense.bias", "pooler.dense.weight"]
     assert all(r["relative_error"] <= 3e-2 and r["metric"] is None for r in ret["tasks"].values())
+
+
+def test_names_and_an_unlabeled_line_are_reported(coll, tmp_path, capsys):
+    """--names labels the tasks everywhere; a data file with an unlabeled line says why it has no metric."""
+    root, tok, base, fts, merged, data = coll
+    partial = _jsonl(tmp_path / "partial.jsonl", [{"text": "a good film", "label": 0.3}, {"text": "dull"}])
+    out = tmp_path / "named"
+    capsys.readouterr()
+    assert main(["check-merge", "--base", str(base), "--merged", str(merged), *map(str, fts), "--out", str(out),
+                 "--data", str(data[0]), str(partial), "--output", "regression", "--no-progress",
+                 "--names", "movies,nyt"]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "check.json").read_text())
+    assert rep["tasks"] == ["movies", "nyt"] and rep["sources"] == [str(f) for f in fts]
+    assert list(rep["retention"]["tasks"]) == ["movies", "nyt"]
+    assert rep["retention"]["tasks"]["movies"]["metric"]["name"] == "mse"
+    nyt = rep["retention"]["tasks"]["nyt"]
+    assert nyt["metric"] is None and nyt["metric_missing"] == f"1 of 2 examples in {partial} have no label"
+    assert f"no task metric: 1 of 2 examples in {partial} have no label" in printed
+    assert main(["check-merge", "--base", str(base), "--merged", str(merged), *map(str, fts), "--out",
+                 str(tmp_path / "bad"), "--names", "only-one", "--no-progress"]) == 2
+    assert "--names has 1 entries for 2 fine-tunes" in capsys.readouterr().err

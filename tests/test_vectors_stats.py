@@ -285,7 +285,7 @@ def test_top_values_exact_on_both_paths():
 
 
 def test_default_task_names_tell_sources_apart():
-    from taskvec.vector_stats import _default_names
+    from taskvec.vectors import default_task_names as _default_names
 
     assert _default_names(["/r/ft0", "/r/ft1"]) == ["ft0", "ft1"]
     assert _default_names(["/r/movies/checkpoints/epoch-3", "/r/nyt/checkpoints/epoch-3",

@@ -20,6 +20,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--merged", required=True, help="the merged model to check")
     p.add_argument("--out", required=True, help="report folder (check.json + figure)")
     p.add_argument("--scope", default="all", help="tensors to check (preset or regex)")
+    p.add_argument("--names", default=None, help="comma-separated task names, one per FT (default: the shortest "
+                                                "path suffixes that tell them apart, e.g. movies/epoch-3)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any finding is an error")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g = p.add_argument_group("per-task retention (needs --data)")
@@ -41,6 +43,9 @@ def run(args) -> int:
     from ..merge.check import check_merge, write_check
 
     check_out_dir(args.out)  # before the long tensor pass, not after it
+    from ..merge.retention_data import task_names
+
+    names = task_names(args.finetunes, args.names.split(",") if args.names else None)
 
     if args.data is not None and args.output is None:
         raise TaskvecError("--data needs --output (regression, logits, margin, logprob or logprob-mean)")
@@ -53,14 +58,15 @@ def run(args) -> int:
         from ..merge.retention_data import read_task_data
 
         read_task_data(args.data, args.output)  # bad JSONL fails before the (long) tensor check
-    rep = check_merge(args.base, args.merged, args.finetunes, scope=args.scope, progress=not args.no_progress)
+    rep = check_merge(args.base, args.merged, args.finetunes, scope=args.scope, progress=not args.no_progress,
+                      names=names)
     if args.data is not None:
         from ..merge.retention_data import retention_figure, retention_from_paths, verdicts
 
         rep["retention"] = retention_from_paths(
             args.base, args.merged, args.finetunes, args.data, rep["lambda_global"], output=args.output,
             head=args.head, max_length=args.max_length, scope=args.scope, batch_size=args.batch_size,
-            progress=not args.no_progress)
+            progress=not args.no_progress, names=names)
         rep["findings"] = rep["findings"] + verdicts(rep["retention"])
     path = write_check(rep, args.out,
                        extra=(lambda d: retention_figure(rep["retention"], d)) if "retention" in rep else None)

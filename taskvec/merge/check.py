@@ -89,8 +89,14 @@ def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.n
     }
 
 
-def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progress: bool = True) -> dict:
-    """Audit `merged` against `base` and `finetunes` (paths or Checkpoints); return the report dict."""
+def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progress: bool = True,
+                names: Sequence[str] | None = None) -> dict:
+    """Audit `merged` against `base` and `finetunes` (paths or Checkpoints); return the report dict.
+    Tasks are reported as `names` (default: the shortest path suffixes that tell the fine-tunes apart)."""
+    from .retention_data import task_names
+
+    labels = task_names([str(f.source if hasattr(f, "source") else f) for f in finetunes], names)
+
     base = open_checkpoint(base)
     merged = open_checkpoint(merged)
     fts = [open_checkpoint(f) for f in finetunes]
@@ -130,7 +136,8 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
             fallback.append(float(np.median(modes)) if modes else None)
         for i, name, b, m, thetas, eps in deferred:
             rows[i] = tensor_report(name, b, m, thetas, fallback, eps)
-    report = summarise(rows, [ft.source for ft in fts])
+    report = summarise(rows, labels)
+    report["sources"] = [ft.source for ft in fts]
     report.update({
         "base": base.source, "merged": merged.source, "finetunes": [ft.source for ft in fts], "scope": scope,
         "missing_tensors": [n for n in al_m.missing if n in in_scope],

@@ -152,14 +152,19 @@ def merge_retention(model, outputs: Sequence, sets: Sequence[Sequence[Mapping]],
                 break
             metric["name"], metric[key] = got
         rec["metric"] = metric or None
+        if not metric and output.kind not in ("logprob", "logprob-mean"):
+            unlabeled = int(np.sum(~np.isfinite(labels) | ((labels < 0) if output.kind != "regression" else False)))
+            rec["metric_missing"] = (f"{unlabeled} of {len(labels)} examples in {data_paths[a]} have no label"
+                                     if unlabeled else f"no metric for output {output.kind!r} with these labels")
         out[name] = rec
     return {"lambdas": lam.tolist(), "tasks": out}
 
 
 def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lambdas: Sequence[float], *,
                          output: str, head=None, max_length: int | None = None, scope: str = "all",
-                         batch_size: int = 32, progress: bool = True) -> dict:
+                         batch_size: int = 32, progress: bool = True, names: Sequence[str] | None = None) -> dict:
     """`merge_retention` from model folders and JSONL files (what `taskvec check-merge --data` runs).
+    Tasks are called `names` (default: the shortest path suffixes that tell the fine-tunes apart).
 
     The head of task A (encoders): `head` when given, else the one saved beside fine-tune A, else the
     one beside the base. τ_t and θ_m − θ₀ are taken over `scope` (the check's), so with the default
@@ -194,7 +199,7 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
     keep = match_parameter_names(all_keys, model, strict=False)
     vectors, delta = ([{k: v for k, v in tv.items() if k in keep} for tv in vectors],
                       {k: v for k, v in delta.items() if k in keep})
-    names = _task_names(finetunes)
+    names = task_names(finetunes, names)
     res = merge_retention(model, outputs, sets, vectors, delta, lambdas, tasks=names, data_paths=data,
                           batch_size=batch_size, progress=progress)
     res.update({"output": outputs[0].describe(), "scope": scope,
@@ -204,9 +209,19 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
     return res
 
 
-def _task_names(finetunes: Sequence) -> list[str]:
-    names = [Path(str(f)).name or str(f) for f in finetunes]
-    return names if len(set(names)) == len(names) else [f"{a}:{n}" for a, n in enumerate(names)]
+def task_names(finetunes: Sequence, names: Sequence[str] | None = None) -> list[str]:
+    """`names` checked against the fine-tunes, or the shortest distinct path suffixes of them."""
+    from ..vectors import default_task_names
+
+    if names is None:
+        return default_task_names([str(f) for f in finetunes])
+    names = [str(n) for n in names]
+    if len(names) != len(finetunes):
+        raise TaskvecError(f"--names has {len(names)} entries for {len(finetunes)} fine-tunes; give one name per "
+                           "fine-tune, in the same order")
+    if len(set(names)) != len(names) or not all(names):
+        raise TaskvecError(f"task names must be distinct and non-empty (got {names})")
+    return names
 
 
 def verdicts(retention: dict) -> list[dict]:
@@ -223,6 +238,8 @@ def verdicts(retention: dict) -> list[dict]:
         if m:
             msg += (f"; {m['name']} base {m['base']:.4g}, merged predicted {m['merged_predicted']:.4g} / "
                     f"measured {m['merged_measured']:.4g}, fine-tune {m['finetune_measured']:.4g}")
+        elif r.get("metric_missing"):
+            msg += f"; no task metric: {r['metric_missing']}"
         if level == "warning":
             msg += " — the kernel (linear) prediction does not hold for this merge"
         out.append({"level": level, "finding": "retention", "task": name, "message": f"{name}: {msg}"})
