@@ -35,7 +35,8 @@ def _read(ck, al, name, base_t):
 
 
 def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.ndarray],
-                  fallback: Sequence[float | None] | None = None, eps: float = sig.EPS32) -> dict:
+                  fallback: Sequence[float | None] | None = None, eps: float = sig.EPS32,
+                  coef: Sequence[float] | None = None) -> dict:
     """All statistics of one tensor (flattened float64 arrays of base, merged and fine-tunes).
 
     Subset coefficients c_t come from the tensor's own ratio mode; where it has none, from `fallback`
@@ -64,7 +65,8 @@ def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.n
         modes = [sig.ratio_mode(Xs[:, t], ds) for t in range(X.shape[1])]
     fallback = list(fallback) if fallback is not None else [None] * X.shape[1]
     coef = np.array([c if freq >= 0.01 else (fb if fb is not None else lam)
-                     for (c, freq), lam, fb in zip(modes, fit["lambda"], fallback)])
+                     for (c, freq), lam, fb in zip(modes, fit["lambda"], fallback)]) if coef is None \
+        else np.asarray(coef, dtype=np.float64)
     sub = {"explained_fraction": 1.0, "family": "sum", "kept_fraction": [1.0] * X.shape[1], "mixed_sign_subsets": 0,
            "l1_ratio": [1.0] * X.shape[1]} if dense else sig.subset_fit(Xs, ds, coef, ms, eps=eps)
     signs = np.sign(X * coef)
@@ -126,7 +128,7 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
         thetas = [_read(ft, al, name, b) for ft, al in zip(fts, al_fts)]
         eps = sig.MANTISSA_EPS.get(str(merged.dtype(al_m.pairs[name])).replace("torch.", ""), sig.EPS32)
         row = tensor_report(name, b, m, thetas, eps=eps)
-        if not all(row["coef_from_mode"]) and row["numel"] <= DEFER_NUMEL:
+        if row["numel"] <= DEFER_NUMEL and (not all(row["coef_from_mode"]) or row["explained_fraction"] < 0.95):
             deferred.append((len(rows), name, b, m, thetas, eps))  # small: redo with the other tensors' modes
         rows.append(row)
     if deferred:
@@ -135,7 +137,14 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
             modes = [r["coef"][t] for r in rows if r["coef_from_mode"][t]]
             fallback.append(float(np.median(modes)) if modes else None)
         for i, name, b, m, thetas, eps in deferred:
-            rows[i] = tensor_report(name, b, m, thetas, fallback, eps)
+            if not all(rows[i]["coef_from_mode"]):
+                rows[i] = tensor_report(name, b, m, thetas, fallback, eps)
+            elif None not in fallback:
+                # a few hundred entries can show a spurious ratio mode; keep the other tensors' coefficients
+                # when they explain this tensor better
+                alt = tensor_report(name, b, m, thetas, fallback, eps, coef=fallback)
+                if alt["explained_fraction"] > rows[i]["explained_fraction"]:
+                    rows[i] = alt
     report = summarise(rows, labels)
     report["sources"] = [ft.source for ft in fts]
     report.update({
