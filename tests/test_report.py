@@ -144,6 +144,16 @@ def test_linearisation_and_interference_match_direct(built):
     both = np.mean((outputs({k: tA[k] + tB[k] for k in tA}, test) - y) ** 2)
     got = res["arithmetic"]["interference"]["measured_delta"][0][1]
     assert got == pytest.approx(both - own, rel=1e-4, abs=1e-7)
+    # negation θ₀ − α τ_A, measured on A and on B, and the report's negation table shows it
+    a = res["config"].get("negation_alpha", 1.0)
+    neg = {r["task"]: r for r in res["arithmetic"]["negation"][A]["rows"]}
+    forgot = np.mean((outputs({k: -a * v for k, v in tA.items()}, test) - y) ** 2)
+    assert neg[A]["measured_metric"] == pytest.approx(forgot, rel=1e-4, abs=1e-7)
+    from taskvec.report.render import negation_rows
+
+    rows = negation_rows(res)
+    assert len(rows) == len(tasks) ** 2 and {r["negated"] for r in rows} == set(tasks)
+    assert "Task negation" in (root / "rep" / "index.html").read_text()
     # linearisation error at α = 1, recomputed in float64 with an exact forward-mode J·τ
     model64, f = _model_and_f(col)
     model64 = model64.double()

@@ -77,6 +77,19 @@ def arithmetic_rows(results: dict) -> list[dict]:
     return rows
 
 
+def negation_rows(results: dict) -> list[dict]:
+    """θ₀ − α τ_t on every task: the negated task should get worse, the others barely move."""
+    ar = results.get("arithmetic") or {}
+    M = metric_label(results)
+    rows = []
+    for t, neg in (ar.get("negation") or {}).items():
+        for r in neg["rows"]:
+            rows.append({"negated": t, "task": r["task"], "α": r["alpha"], f"base {M}": r.get("base_metric"),
+                         f"{M} predicted": r.get("predicted_metric"), f"{M} measured": r.get("measured_metric"),
+                         "rel. error": _rel(r.get("predicted_metric"), r.get("measured_metric"))})
+    return rows
+
+
 def summary_rows(results: dict) -> list[dict]:
     ar = results.get("arithmetic") or {}
     rows = []
@@ -102,6 +115,8 @@ SECTIONS = [
     ("Rates in n", "Slope of test error against sample size: measured, kernel GD, and predicted.", ["rates"], rate_rows),
     ("Task arithmetic", "Addition, negation, interference and disentanglement: merged models measured, "
      "linearised model predicted.", ["addition", "interference", "disentanglement"], arithmetic_rows),
+    ("Task negation", "θ₀ − α τ_t on every task: forgetting t (its metric should worsen) while the other tasks "
+     "barely move; measured on the negated model, predicted by the linearised one.", [], negation_rows),
     ("Agreement statistics", "", [], summary_rows),
 ]
 
@@ -163,4 +178,4 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["render_report", "caveats", "headline_rows", "rate_rows", "arithmetic_rows", "summary_rows", "markdown_table", "FIGURES"]
+__all__ = ["render_report", "caveats", "headline_rows", "rate_rows", "arithmetic_rows", "negation_rows", "summary_rows", "markdown_table", "FIGURES"]
