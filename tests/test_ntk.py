@@ -86,6 +86,27 @@ def test_exact_and_recompute_match_brute_force(arch):
         assert np.allclose(exact.eigenvalues, np.clip(vals, 0, None), rtol=0, atol=tol * vals[0])
 
 
+@pytest.mark.parametrize("arch,scope", [("gpt2", "body"), ("bert", "body"), ("llama", "all")])
+def test_exact_in_parameter_slices_matches_brute_force(arch, scope, monkeypatch):
+    """Above EXACT_SLICE_BYTES, exact computes K = Σ_s J_s J_sᵀ over parameter slices in one buffer."""
+    from taskvec.ntk import kernel as kmod
+
+    J = ref_jacobian(arch, scope=scope) if scope != "body" else ref_jacobian(arch)
+    K_ref = (J @ J.T).numpy()
+    monkeypatch.setattr(kmod, "EXACT_SLICE_BYTES", J.numel() * 8 // 3 + 1)  # three slices in float64
+    for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 1e-5)):
+        model, f, ex = setup(arch, dtype)
+        res = compute_kernel(model, f, ex, scope=scope, strategy="exact", block_size=3, progress=False, cache=False)
+        assert res.info["parameter_slices"] == (3 if dtype == torch.float64 else 2)
+        assert res.info["examples_computed"] == res.info["parameter_slices"] * len(ex)
+        assert rel(res.K, K_ref) <= tol, (dtype, rel(res.K, K_ref))
+    space = build_space(model, scope)
+    groups = kmod.param_slices(space, 3)
+    assert [n for g in groups for n in g] == space.names and len(groups) == 3
+    sizes = [sum(space.size(n) for n in g) for g in groups]
+    assert max(sizes) <= space.p / 3 + max(space.size(n) for n in space.names)
+
+
 def test_exact_on_disk_memmap_matches(tmp_path):
     model, f, ex = setup("gpt2")
     ram = compute_kernel(model, f, ex, strategy="exact", progress=False, cache=False)

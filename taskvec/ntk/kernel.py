@@ -44,6 +44,7 @@ from .spectrum import spectrum
 
 STRATEGIES = ("auto", "exact", "recompute", "sketch", "lanczos")
 GRAM_CHUNK = 1 << 16  # float32 products summed in float64 every 65536 columns
+EXACT_SLICE_BYTES = 3 << 30  # exact: above this, J is computed in parameter slices (K = Σ_s J_s J_sᵀ) in one reused buffer
 GRAM_GROUP = 64  # rows per Gram update: thin (16-row) updates are memory-bound, 64 rows reach ~2/3 of GEMM peak
 # examples per gradient pass: blocks of many large rows spill caches and pad more (MiniLM n = 64, 43 MB rows:
 # 16 per block → 2.7 s, 64 → 6.8 s); small models gain from long blocks (tiny Llama: 128 → 1.03 s, 16 → 1.37 s)
@@ -136,6 +137,7 @@ class Plan:
     panel: int = 0      # examples per stored panel (recompute)
     group: int = 0      # examples per recomputed group buffer (recompute)
     storage: str = "ram"
+    slices: int = 1     # exact: parameter slices computed one after another into one buffer
     sketch_dim: int = 0
     notes: list = field(default_factory=list)
 
@@ -167,7 +169,8 @@ def plan(strategy: str, *, n: int, rows_per_ex: int, P: int, itemsize: int, ex_b
     if strategy == "exact":
         storage = "ram" if stored + block * ex_bytes <= free else "disk"
         notes = [] if storage == "ram" else [f"J ({n * row_bytes / GB:.1f} GB) exceeds the budget: stored on disk (memmap)"]
-        return Plan("exact", block, storage=storage, notes=notes)
+        slices = max(1, math.ceil(n * row_bytes / EXACT_SLICE_BYTES)) if storage == "ram" else 1
+        return Plan("exact", block, storage=storage, slices=slices, notes=notes)
     if strategy == "recompute":
         room = free - block * ex_bytes - (n * rows_per_ex) ** 2 * 8
         slots = int(room // row_bytes)  # examples' rows that fit: the panel plus the recomputed-group buffer
@@ -245,9 +248,13 @@ class _Runner:
             bar.update(nb)
 
     # exact: J stored (RAM or memmap), Gram filled group by group
-    def exact(self, p: Plan) -> np.ndarray:
+    def exact(self, p: Plan, buffer: torch.Tensor | None = None, desc: str = "eNTK exact") -> np.ndarray:
+        """K = J Jᵀ (sorted order). `buffer`: a flat tensor of ≥ N·P elements to hold J (reused across
+        parameter slices, so its memory is touched once)."""
         tmpdir = None
-        if p.storage == "disk":
+        if buffer is not None:
+            J = buffer[:self.N * self.P].view(self.N, self.P)
+        elif p.storage == "disk":
             tmpdir = tempfile.TemporaryDirectory(prefix="taskvec-J-", dir=_scratch())
             np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
             mm = np.memmap(os.path.join(tmpdir.name, "J.bin"), mode="w+", dtype=np_dtype, shape=(self.N, self.P))
@@ -256,7 +263,7 @@ class _Runner:
             J = torch.empty(self.N, self.P, dtype=self.dtype)
         try:
             K = torch.zeros(self.N, self.N, dtype=torch.float64)
-            with self.bar(self.probe.n, "eNTK exact") as bar:
+            with self.bar(self.probe.n, desc) as bar:
                 self._stored_rows(J, K, 0, 0, self.probe.n, p, bar, direct=p.storage == "ram")
             return K.numpy()
         finally:
@@ -323,6 +330,42 @@ class _Runner:
                      "sketch_rel_error_on_check": math.sqrt(err2 / ref2),
                      "sketch_rel_bound_on_check_delta_0.05": bound / math.sqrt(ref2)})
         return K, info
+
+
+def param_slices(space, k: int) -> list[list[str]]:
+    """`space.names` cut into ≤ k contiguous groups of about equal coordinate count (a tensor is never split)."""
+    sizes = [space.size(n) for n in space.names]
+    total, groups, cur, acc = sum(sizes), [], [], 0
+    for name, size in zip(space.names, sizes):
+        if cur and acc + size / 2 > total * (len(groups) + 1) / k and len(groups) < k - 1:
+            groups.append(cur)
+            cur = []
+        cur.append(name)
+        acc += size
+    return groups + [cur]
+
+
+def _sliced_exact(model, space, probe, pl: Plan, runner: "_Runner") -> tuple[np.ndarray, "_Runner"]:
+    """Exact K = Σ_s J_s J_sᵀ over parameter slices s, each J_s computed into one reused buffer.
+
+    J's memory shrinks by the number of slices and is touched once; the price is one forward/backward
+    pass per slice (the per-example weight gradients are still formed once per coordinate)."""
+    groups = param_slices(space, pl.slices)
+    pl.slices = len(groups)
+    subs = [build_space(model, g, token_ids=probe.batch["input_ids"]) for g in groups]
+    width = max(s.p for s in subs) * (runner.output.m if runner.mode == "trace" else 1)
+    buffer = torch.empty(runner.N * width, dtype=runner.dtype)
+    K, computed, notes = None, 0, []
+    for i, sub in enumerate(subs):
+        r = _Runner(runner.output, sub, sub.base(model), probe, runner.mode, runner.dtype, runner.progress,
+                    runner.engine.method)
+        Ks = r.exact(pl, buffer=buffer, desc=f"eNTK exact (slice {i + 1}/{len(subs)})")
+        K = Ks if K is None else K + Ks
+        computed += r.examples_computed
+        if r.engine.note:
+            notes.append(f"slice {i + 1}: {r.engine.note}")
+    r.examples_computed, r.engine.note = computed, "; ".join(notes) or None
+    return K, r
 
 
 def _scratch() -> str:
@@ -402,7 +445,9 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
         K = None
         spec_info = {"n_clipped_negative": 0, "most_negative": 0.0}
     else:
-        if pl.strategy == "exact":
+        if pl.strategy == "exact" and pl.slices > 1:
+            K, runner = _sliced_exact(model, space, probe, pl, runner)
+        elif pl.strategy == "exact":
             K = runner.exact(pl)
         elif pl.strategy == "recompute":
             K = runner.recompute(pl)
@@ -417,7 +462,7 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
     info = dict(settings)
     info.update({
         "n": n, "m": m, "rows": n * rows_per_ex, "n_params": space.p, "n_tokens": probe.n_tokens,
-        "block_size": pl.block, "panel": pl.panel or None, "memory_budget_gb": budget / GB,
+        "block_size": pl.block, "panel": pl.panel or None, "parameter_slices": pl.slices, "memory_budget_gb": budget / GB,
         "notes": pl.notes + ([runner.engine.note] if runner.engine.note else []), "cache_key": key, "cache_hit": False,
         "seconds": {"setup": t1 - t0, "kernel": t2 - t1, "total": t2 - t0},
         "examples_computed": runner.examples_computed, "peak_rss_gb": peak_rss_gb(),
