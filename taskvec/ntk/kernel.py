@@ -3,10 +3,11 @@
 | strategy   | how                                                                     | memory       |
 |------------|-------------------------------------------------------------------------|--------------|
 | exact      | per-example gradient row blocks (batched hooks, or vmap(grad)) stored in | n·m·p floats |
-|            | RAM or a disk memmap; Gram accumulated in 64-row groups into float64      |              |
+|            | RAM or a disk memmap; Gram accumulated in 64-row groups into float64;     | (÷ slices)   |
+|            | above EXACT_SLICE_BYTES, in parameter slices K = Σ_s J_s J_sᵀ, one buffer |              |
 | recompute  | a panel of rows kept, the remaining row blocks recomputed per panel      | panel·p      |
 | sketch     | each row block sketched to k dims (CountSketch / Gaussian), K ≈ ΦΦᵀ;     | n·k          |
-|            | the error against exact K on a subset is measured and reported           |              |
+|            | the error against the exact within-block Gram is measured and reported   |              |
 | lanczos    | matrix-free top-k eigenpairs of K/n (VJP then JVP per batch)             | O(p)         |
 
 `strategy="auto"` picks the first that fits `memory_gb`: exact (RAM) → recompute (≤ 4 panels) →
