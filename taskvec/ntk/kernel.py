@@ -45,7 +45,7 @@ from .spectrum import spectrum
 
 STRATEGIES = ("auto", "exact", "recompute", "sketch", "lanczos")
 GRAM_CHUNK = 1 << 16  # float32 products summed in float64 every 65536 columns
-EXACT_SLICE_BYTES = 3 << 30  # exact: above this, J is computed in parameter slices (K = Σ_s J_s J_sᵀ) in one reused buffer
+EXACT_SLICE_BYTES = 6 << 30  # exact: above this, J is computed in parameter slices (K = Σ_s J_s J_sᵀ) in one reused buffer
 GRAM_GROUP = 64  # rows per Gram update: thin (16-row) updates are memory-bound, 64 rows reach ~2/3 of GEMM peak
 # examples per gradient pass: blocks of many large rows spill caches and pad more (MiniLM n = 64, 43 MB rows:
 # 16 per block → 2.7 s, 64 → 6.8 s); small models gain from long blocks (tiny Llama: 128 → 1.03 s, 16 → 1.37 s)
