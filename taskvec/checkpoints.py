@@ -669,7 +669,7 @@ def _open_gguf(path: Path, config_dir: Path | None = None) -> Checkpoint:
 
         cached.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with atomic_dir(cached, overwrite=True) as tmp:
+            with atomic_dir(cached, overwrite=True, internal=True) as tmp:
                 save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": path.name})
                 atomic_write_json(tmp / "config.json", cfg)
         except OSError:  # cache not writable: serve from memory

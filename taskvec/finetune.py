@@ -246,7 +246,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def _save_checkpoint(model, folder: Path, *, tokenizer, head_file: Path | None, meta: dict, state: dict | None,
                      lora: bool) -> None:
-    with atomic_dir(folder, overwrite=True) as tmp:
+    with atomic_dir(folder, overwrite=True, internal=True) as tmp:
         model.save_pretrained(tmp)  # PEFT models write adapter_config.json + adapter_model.safetensors
         tokenizer.save_pretrained(tmp)
         if head_file is not None:

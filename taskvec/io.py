@@ -99,8 +99,23 @@ _EARLIER_OUTPUTS = ("results.json", "ntk.json", "vectors.json", "theory.json", "
                     "taskvec_merge.json", "taskvec_applied.json")
 
 
-def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Raise unless `atomic_dir(path, overwrite=…)` may write there (call it before long work)."""
+def _holds_model(path: Path) -> str | None:
+    """What irreplaceable thing a folder holds (a collection, a model or adapter checkpoint), else None."""
+    if (path / "collection.json").is_file():
+        return "a taskvec collection (collection.json)"
+    weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if weights and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        return "a model checkpoint (config + weights)"
+    return None
+
+
+def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), internal: bool = False) -> None:
+    """Raise unless `atomic_dir(path, overwrite=…)` may write there (call it before long work).
+
+    With `overwrite`, a folder is replaced only if taskvec wrote it as an output (marker or record
+    file) or it is a derived cache entry — never when it is, or contains, one of `inputs`, nor when it
+    holds a collection or a model checkpoint. `internal`: the caller rebuilds a cache entry it owns.
+    """
     from .errors import TaskvecError
 
     path = Path(path)
@@ -111,22 +126,37 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False) -> None:
     if not overwrite:
         raise TaskvecError(f"{path} already exists and is not empty; choose another --out, remove it, or pass "
                            f"--overwrite if taskvec wrote it")
+    if internal:
+        return
+    resolved = path.resolve()
+    for inp in inputs:
+        r = Path(str(inp)).expanduser()
+        if r.exists() and (r.resolve() == resolved or resolved in r.resolve().parents):
+            raise TaskvecError(f"--out {path} is (or contains) the input {inp}; --overwrite never replaces an "
+                               f"input: choose another --out")
+    held = _holds_model(path)
+    if held:
+        raise TaskvecError(f"{path} holds {held}; --overwrite never replaces those: choose another --out or "
+                           f"remove it yourself")
     cache = cache_dir().resolve()
     ours = any((path / f).is_file() for f in (OUTPUT_MARKER,) + _EARLIER_OUTPUTS)
-    if not ours and cache not in path.resolve().parents:
+    derived = cache in resolved.parents and (cache / "collections") not in resolved.parents \
+        and resolved != cache / "collections"
+    if not ours and not derived:
         raise TaskvecError(f"{path} was not written by taskvec (no {OUTPUT_MARKER}): --overwrite only replaces "
                            f"taskvec's own output folders; choose another --out or remove it yourself")
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), internal: bool = False
+               ) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place when complete.
 
     An interrupted run leaves only a hidden `.NAME.partial-*` folder, never a folder that looks done.
-    `overwrite` replaces only a folder taskvec wrote (it carries `OUTPUT_MARKER`) or one inside its cache:
-    never a file, a model folder or anything else a user could lose.
+    `overwrite` replaces only what :func:`check_out_dir` allows: never a file, an input, a model folder,
+    a collection or anything else a user could lose.
     """
-    check_out_dir(path, overwrite=overwrite)
+    check_out_dir(path, overwrite=overwrite, inputs=inputs, internal=internal)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))

@@ -174,7 +174,7 @@ def _load_gguf(path: Path, *, dtype, device, cache: bool) -> nn.Module:
         except AttributeError:
             pass
     if folder is not None:
-        with atomic_dir(folder, overwrite=True) as tmp:
+        with atomic_dir(folder, overwrite=True, internal=True) as tmp:
             model.save_pretrained(tmp)
             try:
                 load_tokenizer(str(path)).save_pretrained(tmp)

@@ -273,7 +273,7 @@ class TaskVector:
             return (t.to(work) + float(alpha) * self._t[where[k]].to(work)).to(t.dtype)
 
         src = Path(base.source)
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite, inputs=[base.source]) as tmp:
             bar = tqdm(total=len(bkeys), desc="apply τ", unit="tensor", disable=not progress, leave=False)
             weight_map, total = {}, 0
             for f_in, f_out in rename.items():

@@ -39,3 +39,52 @@ def test_overwrite_replaces_only_taskvec_folders(tmp_path, monkeypatch):
     (cached / "old.npy").write_bytes(b"x")
     _write(cached, overwrite=True)  # the cache is taskvec's by definition
     assert not (cached / "old.npy").exists()
+
+
+def test_overwrite_never_replaces_inputs_models_or_collections(tmp_path, monkeypatch):
+    """The three ways QA destroyed data with --overwrite: --out = an input checkpoint (even one taskvec
+    wrote, with its marker), --out = a folder holding a model, --out = a cached collection."""
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    ck = tmp_path / "ck"
+    with atomic_dir(ck) as tmp:  # a checkpoint taskvec wrote: it carries the output marker
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(TaskvecError, match="is \\(or contains\\) the input"):
+        _write_inputs(ck, inputs=[ck])
+    with pytest.raises(TaskvecError, match="holds a model checkpoint"):
+        _write(ck, overwrite=True)
+    col = tmp_path / "cache" / "collections" / "c"
+    (col / "runs" / "a").mkdir(parents=True)
+    (col / "collection.json").write_text("{}")
+    (col / "runs" / "a" / "run.json").write_text("{}")
+    with pytest.raises(TaskvecError, match="is \\(or contains\\) the input"):
+        _write_inputs(col, inputs=[col / "runs" / "a"])
+    with pytest.raises(TaskvecError, match="holds a taskvec collection"):
+        _write(col, overwrite=True)
+    with pytest.raises(TaskvecError, match="not written by taskvec"):
+        _write(col / "runs", overwrite=True)  # inside the cache, but collections are not derived caches
+    assert (ck / "model.safetensors").read_bytes() == b"weights" and (col / "runs" / "a" / "run.json").is_file()
+    with atomic_dir(ck, overwrite=True, internal=True) as tmp:  # the owner rebuilding its cache entry may
+        (tmp / "config.json").write_text("{}")
+
+
+def _write_inputs(path, inputs):
+    with atomic_dir(path, overwrite=True, inputs=inputs) as tmp:
+        (tmp / "a.json").write_text("{}")
+
+
+def test_vectors_overwrite_refuses_its_own_input(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from tiny import perturbed, save_hf, tiny_model
+
+    from taskvec.cli import main
+
+    base = tiny_model("gpt2", seed=0)
+    b, f = save_hf(base, tmp_path / "b"), save_hf(perturbed(base, scale=1e-2, seed=1), tmp_path / "f")
+    before = (f / "model.safetensors").read_bytes()
+    assert main(["vectors", str(b), str(f), "--out", str(f), "--overwrite", "--basic", "--no-figures",
+                 "--no-progress"]) == 2
+    assert "never replaces an input" in capsys.readouterr().err
+    assert (f / "model.safetensors").read_bytes() == before

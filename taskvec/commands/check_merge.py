@@ -42,7 +42,7 @@ def run(args) -> int:
     from ..io import check_out_dir
     from ..merge.check import check_merge, write_check
 
-    check_out_dir(args.out)  # before the long tensor pass, not after it
+    check_out_dir(args.out, inputs=[args.base, args.merged, *args.finetunes, *(args.data or [])])  # before the long tensor pass, not after it
     from ..merge.retention_data import task_names
 
     names = task_names(args.finetunes, args.names.split(",") if args.names else None)

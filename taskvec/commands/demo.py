@@ -51,7 +51,7 @@ def run(args) -> int:
     cached = cache_dir() / "reports" / f"{args.preset}-{key}"
     if not (cached / "results.json").is_file():
         analyze(col.root, cached, config=acfg, overwrite=True)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, inputs=(col.root,)) as tmp:
         shutil.copytree(cached, tmp, dirs_exist_ok=True)
     import json
 

@@ -92,7 +92,7 @@ def kernel_from_args(args, model, output, examples):
 def run(args) -> int:
     from ..io import atomic_dir, check_out_dir
 
-    check_out_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after it
+    check_out_dir(args.out, overwrite=args.overwrite, inputs=[args.model, args.data])  # fail before the work, not after it
 
     model, output, examples, desc = load_setup(args)
     result = kernel_from_args(args, model, output, examples)
@@ -102,7 +102,7 @@ def run(args) -> int:
         from ..ntk import eigendirections
 
         directions = eigendirections(model, output, examples, result, args.directions, scope=args.scope)
-    with atomic_dir(Path(args.out), overwrite=args.overwrite) as tmp:
+    with atomic_dir(Path(args.out), overwrite=args.overwrite, inputs=[args.model, args.data]) as tmp:
         result.save(tmp)
         if directions is not None:
             from safetensors.torch import save_file

@@ -61,7 +61,8 @@ def run(args) -> int:
     from ..errors import TaskvecError
     from ..io import atomic_dir, check_out_dir, atomic_save_npy, atomic_write_json
 
-    check_out_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after it
+    inputs = [x for x in (getattr(args, "model", None), args.task_vector, args.kernel, getattr(args, "data", None)) if x]
+    check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # fail before the work, not after it
     from ..ntk import KernelResult, finite_difference, jvp, match_direction, project, random_control
 
     model, output, examples, desc = load_setup(args)
@@ -104,7 +105,7 @@ def run(args) -> int:
         report["energy_fraction_vs_control"] = {"task": proj["energy_fraction"], "control_mean": float(np.mean(ef)),
                                                 "ratio": proj["energy_fraction"] / float(np.mean(ef))
                                                 if np.mean(ef) > 0 else float("nan")}
-    with atomic_dir(Path(args.out), overwrite=args.overwrite) as tmp:
+    with atomic_dir(Path(args.out), overwrite=args.overwrite, inputs=inputs) as tmp:
         result.save(tmp)
         atomic_save_npy(tmp / "jtau.npy", Jtau.numpy())
         atomic_save_npy(tmp / "coefficients.npy", proj["c"])

@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..io import atomic_dir, check_out_dir, atomic_write_json, sha256_file
 
-    check_out_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after it
+    input_paths = [x for x in (args.eigenvalues, args.kernel) if x]
+    check_out_dir(args.out, overwrite=args.overwrite, inputs=input_paths)  # fail before the work, not after it
     from ..theory import figures
     from ..theory.stopping import rkhs_radius, sigma_heldout, sigma_krr, sigma_spectral_tail
     from ..theory.summary import analyse_spectrum
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     result["inputs"] = inputs
     result["versions"] = {"taskvec": __version__, "numpy": np.__version__, "python": platform.python_version()}
 
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, inputs=input_paths) as tmp:
         figs = []
         if not args.no_figures:
             from ..theory.spectrum import fit_spectrum

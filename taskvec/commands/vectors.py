@@ -43,7 +43,7 @@ def run(args) -> int:
     from ..errors import TaskvecError
     from ..io import atomic_dir, check_out_dir, atomic_path, atomic_write_json
 
-    check_out_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after it
+    check_out_dir(args.out, overwrite=args.overwrite, inputs=[args.base, *args.fts])  # fail before the work, not after it
     from ..vector_stats import collection_stats
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
@@ -59,7 +59,7 @@ def run(args) -> int:
                              dtype=torch.float64 if args.float64 else torch.float32, progress=not args.no_progress,
                              allow_network=args.allow_network, basic=args.basic)
     data = stats.to_dict()
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, inputs=[args.base, *args.fts]) as tmp:
         atomic_write_json(tmp / "vectors.json", data)
         if stats.spectra and any(stats.spectra.values()):
             with atomic_path(tmp / "spectra.npz") as p:

@@ -475,7 +475,7 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
     info.update(extra)
     result = KernelResult(K, vals, vecs, info)
     if cache:
-        with atomic_dir(folder, overwrite=True) as tmp:
+        with atomic_dir(folder, overwrite=True, internal=True) as tmp:
             result.save(tmp)
     return result
 

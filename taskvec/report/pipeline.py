@@ -427,7 +427,7 @@ def stage_arithmetic(ev: Evaluator, tasks: list[str], cfg: AnalyzeConfig) -> dic
 # ------------------------------------------------------------------------------------ driver
 def analyze(collection, out, *, config: AnalyzeConfig | None = None, overwrite: bool = False) -> dict:
     """Run every stage on a built collection and write the report folder `out` atomically."""
-    from ..io import atomic_dir, atomic_write_json, sha256_file
+    from ..io import atomic_dir, atomic_write_json, check_out_dir, sha256_file
     from ..models import load_model, load_tokenizer
     from ..outputs import LinearHead, make_output
     from .render import render_report
@@ -436,8 +436,7 @@ def analyze(collection, out, *, config: AnalyzeConfig | None = None, overwrite: 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TaskvecError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TaskvecError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    check_out_dir(out, overwrite=overwrite, inputs=(collection,))  # before the long analysis
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -490,7 +489,7 @@ def analyze(collection, out, *, config: AnalyzeConfig | None = None, overwrite: 
         "vectors": vec_out, "kernel": kernel_out, "projection": projection, "theory": theory_out,
         "rates": rates, "linearisation": lin, "arithmetic": arith,
     }
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=(collection,)) as tmp:
         atomic_write_json(tmp / "results.json", results)
         render_report(results, tmp)
     _log(f"report written to {out} ({timings['total']:.0f} s)", cfg.progress)
