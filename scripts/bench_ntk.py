@@ -126,6 +126,7 @@ def run_one(workload: str, n: int, method: str, memory_gb: float, sketch_dim: in
                              gradients="vmap" if method.endswith("-vmap") else "auto")
         K = res.K
         out.update(strategy=res.info["strategy"], panel=res.info.get("panel"),
+                   parameter_slices=res.info.get("parameter_slices"),
                    gradients=res.info.get("per_example_gradients"),
                    examples_computed=res.info["examples_computed"])
         for key in ("sketch_rel_error_on_check", "sketch_rel_bound_on_check_delta_0.05", "sketch_dim"):
@@ -146,6 +147,8 @@ def run_one(workload: str, n: int, method: str, memory_gb: float, sketch_dim: in
             torch.cat([x.reshape(-1) for x in g], out=G[i])
         K = (G @ G.T).double().numpy()
     elif method == "touch":  # not a kernel: writing n·p float32 into fresh memory, this VM's page-fault cost
+        if n * p * 4 > 0.9 * memory_gb * GB:
+            return {**out, "cannot": f"n·p float32 is {n * p * 4 / GB:.1f} GB > the {memory_gb} GB budget"}
         G = torch.empty(n, p)
         G.fill_(1.0)
         out.update(seconds=time.perf_counter() - t0,
