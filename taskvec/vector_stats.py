@@ -21,8 +21,11 @@ Across tasks (T×T):
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,18 +145,53 @@ class CollectionStats:
         return np.array(self.data["cosine"], dtype=float)
 
 
-class _Buffers:
-    """T+1 flat buffers of the largest in-scope tensor (base, reused as |τ| scratch; one per task) and
-    small float64 column blocks for the cross-task sums."""
+class _Blocks:
+    """One worker's small column blocks (float64 for the cross-task sums, the τ dtype for |τ| gathering)."""
 
-    def __init__(self, numel: int, T: int, dtype: torch.dtype):
-        self.base = torch.empty(numel, dtype=dtype)
-        self.tau = [torch.empty(numel, dtype=dtype) for _ in range(T)]
+    def __init__(self, T: int, dtype: torch.dtype):
         self.x = torch.empty((T, _CHUNK), dtype=torch.float64)    # τ block
         self.a = torch.empty((T, _CHUNK), dtype=torch.float64)    # sign / mask block
         self.code = torch.empty(_CHUNK, dtype=torch.float64)       # per-entry pattern codes
         self.icode = torch.empty(_CHUNK, dtype=torch.int64)
-        self.b = torch.empty(_CHUNK, dtype=torch.float64)          # base block
+        self.b = torch.empty(_CHUNK, dtype=torch.float64)          # float64 block for sums of squares
+        self.s = torch.empty(_CHUNK, dtype=dtype)                  # |τ| block
+
+
+class _Buffers:
+    """T+1 flat buffers of the largest in-scope tensor (θ₀, then the top-k workspace; one per task) and
+    the workers: threads (torch and numpy release the GIL in their kernels), each with its own blocks."""
+
+    def __init__(self, numel: int, T: int, dtype: torch.dtype, workers: int = 1):
+        self.base = torch.empty(numel, dtype=dtype)
+        self.tau = [torch.empty(numel, dtype=dtype) for _ in range(T)]
+        self.blocks = [_Blocks(T, dtype) for _ in range(max(1, workers))]
+        self.x, self.b = self.blocks[0].x, self.blocks[0].b  # the calling thread's blocks
+        self._pool = ThreadPoolExecutor(len(self.blocks)) if len(self.blocks) > 1 else None
+        self._free = queue.SimpleQueue()
+        for blk in self.blocks:
+            self._free.put(blk)
+
+    def map(self, fn, items) -> list:
+        """[fn(blocks, item) for item in items], spread over the workers (each call gets free blocks)."""
+        items = list(items)
+        if self._pool is None or len(items) < 2:
+            return [fn(self.blocks[0], it) for it in items]
+
+        def run(it):
+            blk = self._free.get()
+            try:
+                return fn(blk, it)
+            finally:
+                self._free.put(blk)
+
+        return list(self._pool.map(run, items))
+
+    def __enter__(self) -> "_Buffers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def collection_statistics(base, fts, names=None, scope="body", **kwargs) -> dict:
@@ -181,22 +219,33 @@ def _resolve_inputs(base, fts, names, scope, allow_network):
 
 def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0, 10.0), spectra_max_dim: int = 1024,
                      n_singular: int = 8, dtype: torch.dtype = torch.float32, progress: bool = True,
-                     allow_network: bool = False, threads: int | None = 1, basic: bool = False) -> CollectionStats:
+                     allow_network: bool = False, threads: int | None = 1, workers: int | None = None,
+                     basic: bool = False) -> CollectionStats:
     """Stream over base and fine-tunes tensor by tensor and compute the statistics in this module's docstring.
 
     spectra_max_dim: singular values only for 2-D tensors with min(shape) ≤ this (0 = none; SVD is the
     one super-linear cost here). threads: torch threads while streaming (default 1: the work is
     memory-bound block arithmetic, and multi-threaded small kernels stall badly on a busy machine;
-    None keeps torch's setting). basic: only norms, relative norms and cosines (one Gram pass; no
-    top-k, sign, mask or spectral statistics — those fields are null)."""
+    None keeps torch's setting); the spectra (GEMM/SVD-bound) use torch's full thread count.
+    workers: threads that share the per-entry statistics (tasks for top-k, column ranges for the
+    cross-task sums; default: torch's thread count, at most 8 — each holds ≈ (16·T + 28)·256 KiB).
+    basic: only norms, relative norms and cosines (one Gram pass; no top-k, sign, mask or spectral
+    statistics — those fields are null)."""
     if basic:
         top_k_percent, spectra_max_dim = (), 0
-    prev = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
+    all_threads = torch.get_num_threads()
+    with _num_threads(threads or all_threads):
         return _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n_singular, dtype,
-                                 progress, allow_network, not basic)
+                                 progress, allow_network, not basic, all_threads, int(workers or min(8, all_threads)))
+
+
+@contextlib.contextmanager
+def _num_threads(k: int):
+    """torch's intra-op thread count set to `k` for the block, restored after it."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(int(k))
+    try:
+        yield
     finally:
         torch.set_num_threads(prev)
 
@@ -209,7 +258,7 @@ def _prefetch(name: str, base: Checkpoint, fts: list[Checkpoint], aligned) -> No
 
 
 def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n_singular, dtype, progress,
-                      allow_network, signs) -> CollectionStats:
+                      allow_network, signs, spectra_threads: int, workers: int) -> CollectionStats:
     t0 = time.perf_counter()
     if dtype not in (torch.float32, torch.float64):
         raise TaskvecError(f"dtype must be float32 or float64, not {dtype}")
@@ -240,114 +289,115 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
                 total_bytes += fts[t].nbytes(on)
     # basic statistics stream each tensor in column blocks (memory: a few blocks); the full set needs
     # whole tensors for the exact top-k thresholds and the spectra
-    buf = _Buffers(_CHUNK if not signs else max_numel, T, dtype)
-
-    tensors, groups, spectra = {}, {}, {name: {} for name in names}
-    added = {name: {} for name in names}
-    total = _Acc(T, ks)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="task vectors", disable=not progress)
-    for i, n in enumerate(work):
-        if i + 1 < len(work):  # the OS reads the next tensor of every checkpoint while this one is computed
-            _prefetch(work[i + 1], base, fts, aligned)
-        acc = _Acc(T, ks)
-        shape = tuple(base.shape(n))
-        numel = math.prod(shape)
-        if not signs:
-            _basic_stream(acc, base, fts, aligned, n, names, buf, added)
-            bar.update(base.nbytes(n) + sum(f.nbytes(a[0].pairs[n]) for f, a in zip(fts, aligned) if n in a[0].pairs))
+    with _Buffers(_CHUNK if not signs else max_numel, T, dtype, workers=workers if signs else 1) as buf:
+        tensors, groups, spectra = {}, {}, {name: {} for name in names}
+        added = {name: {} for name in names}
+        total = _Acc(T, ks)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="task vectors", disable=not progress)
+        for i, n in enumerate(work):
+            if i + 1 < len(work):  # the OS reads the next tensor of every checkpoint while this one is computed
+                _prefetch(work[i + 1], base, fts, aligned)
+            acc = _Acc(T, ks)
+            shape = tuple(base.shape(n))
+            numel = math.prod(shape)
+            if not signs:
+                _basic_stream(acc, base, fts, aligned, n, names, buf, added)
+                bar.update(base.nbytes(n) + sum(f.nbytes(a[0].pairs[n]) for f, a in zip(fts, aligned)
+                                                if n in a[0].pairs))
+                acc.numel = numel
+                summ = acc.summary(names)
+                g = group_of(n)
+                tensors[n] = {"shape": list(shape), "group": g, "layer": layer_of(n), **summ}
+                groups.setdefault(g, _Acc(T, ks)).add(acc)
+                total.add(acc)
+                continue
+            b = base.read_into(n, buf.base).reshape(-1)
+            bar.update(base.nbytes(n))
+            acc.base_sq = _sum_sq(b, buf.b)
+            if not math.isfinite(acc.base_sq):
+                check_finite(base, n, b)
+            taus = []
+            for t, (al, _, _) in enumerate(aligned):
+                ft, dst = fts[t], buf.tau[t]
+                if n not in al.pairs:  # LoRA leaves this tensor unchanged
+                    taus.append(dst[:numel].zero_())
+                    continue
+                on = al.pairs[n]
+                x = ft.read_into(on, dst).reshape(-1)
+                bar.update(ft.nbytes(on))
+                if ft.is_delta:
+                    taus.append(x)
+                    continue
+                if n in al.added_rows:
+                    extra = x[numel:]
+                    added_sq = _sum_sq(extra, buf.b)
+                    if not math.isfinite(added_sq):
+                        check_finite(ft, on, extra)
+                    added[names[t]][n] = {"base_rows": al.added_rows[n][0], "ft_rows": al.added_rows[n][1],
+                                          "added_norm": math.sqrt(added_sq)}
+                    x = x[:numel]
+                taus.append(x.sub_(b))
             acc.numel = numel
+            # per-task top-k% thresholds and masses (θ₀ is no longer needed: its buffer is their workspace)
+            thresholds = _top_k(acc, taus, buf, ks)
+            _cross_stats(acc, taus, thresholds, buf, signs)
+            for t in range(T):
+                if not math.isfinite(acc.gram[t, t]):  # θ₀ is finite, so θ_t holds the NaN/Inf
+                    on = aligned[t][0].pairs[n]
+                    check_finite(fts[t], on, fts[t].get(on))
+            spec = {}
+            if len(shape) == 2 and 0 < min(shape) <= spectra_max_dim:
+                for t, tau in enumerate(taus):
+                    if acc.gram[t, t] == 0:  # unchanged tensor (LoRA did not adapt it)
+                        s = np.zeros(min(shape))
+                    else:
+                        with _num_threads(spectra_threads):  # GEMM/SVD-bound: every core helps here
+                            s = _singular_values(tau.view(shape))
+                    spectra[names[t]][n] = s
+                    spec[names[t]] = {"effective_rank": effective_rank(s),
+                                      "stable_rank": float((s ** 2).sum() / s[0] ** 2) if s[0] > 0 else 0.0,
+                                      "top_singular_values": s[:n_singular].tolist()}
             summ = acc.summary(names)
+            for name, d in spec.items():
+                summ["tasks"][name].update(d)
             g = group_of(n)
             tensors[n] = {"shape": list(shape), "group": g, "layer": layer_of(n), **summ}
             groups.setdefault(g, _Acc(T, ks)).add(acc)
             total.add(acc)
-            continue
-        b = base.read_into(n, buf.base).reshape(-1)
-        bar.update(base.nbytes(n))
-        acc.base_sq = _sum_sq(b, buf.b)
-        if not math.isfinite(acc.base_sq):
-            check_finite(base, n, b)
-        taus = []
-        for t, (al, _, _) in enumerate(aligned):
-            ft, dst = fts[t], buf.tau[t]
-            if n not in al.pairs:  # LoRA leaves this tensor unchanged
-                taus.append(dst[:numel].zero_())
-                continue
-            on = al.pairs[n]
-            x = ft.read_into(on, dst).reshape(-1)
-            bar.update(ft.nbytes(on))
-            if ft.is_delta:
-                taus.append(x)
-                continue
-            if n in al.added_rows:
-                extra = x[numel:]
-                added_sq = _sum_sq(extra, buf.b)
-                if not math.isfinite(added_sq):
-                    check_finite(ft, on, extra)
-                added[names[t]][n] = {"base_rows": al.added_rows[n][0], "ft_rows": al.added_rows[n][1],
-                                      "added_norm": math.sqrt(added_sq)}
-                x = x[:numel]
-            taus.append(x.sub_(b))
-        acc.numel = numel
-        # per-task top-k% thresholds and masses (θ₀ is no longer needed: its buffer holds |τ|)
-        thresholds = _top_k(acc, taus, buf.base, ks, buf.b)
-        _cross_stats(acc, taus, thresholds, buf, signs)
-        for t in range(T):
-            if not math.isfinite(acc.gram[t, t]):  # θ₀ is finite, so θ_t holds the NaN/Inf
-                on = aligned[t][0].pairs[n]
-                check_finite(fts[t], on, fts[t].get(on))
-        spec = {}
-        if len(shape) == 2 and 0 < min(shape) <= spectra_max_dim:
-            for t, tau in enumerate(taus):
-                if acc.gram[t, t] == 0:  # unchanged tensor (LoRA did not adapt it)
-                    s = np.zeros(min(shape))
-                else:
-                    s = _singular_values(tau.view(shape))
-                spectra[names[t]][n] = s
-                spec[names[t]] = {"effective_rank": effective_rank(s),
-                                  "stable_rank": float((s ** 2).sum() / s[0] ** 2) if s[0] > 0 else 0.0,
-                                  "top_singular_values": s[:n_singular].tolist()}
-        summ = acc.summary(names)
-        for name, d in spec.items():
-            summ["tasks"][name].update(d)
-        g = group_of(n)
-        tensors[n] = {"shape": list(shape), "group": g, "layer": layer_of(n), **summ}
-        groups.setdefault(g, _Acc(T, ks)).add(acc)
-        total.add(acc)
-    bar.close()
+        bar.close()
 
-    def _gorder(g):
-        i = layer_of(g + ".")
-        return (1, i, "") if i is not None else ((0, 0, g) if g == "embeddings" else (2, 0, g))
+        def _gorder(g):
+            i = layer_of(g + ".")
+            return (1, i, "") if i is not None else ((0, 0, g) if g == "embeddings" else (2, 0, g))
 
-    layers = {g: groups[g].summary(names) for g in sorted(groups, key=_gorder)}
-    glob = total.summary(names)
-    # identity = hash of file names, sizes and mtimes: a content hash would cost one more full read
-    inputs = {"base": {"source": base.source, "format": base.format, "identity": base.identity()},
-              "tasks": {names[t]: {"source": f.source, "format": f.format, "is_delta": f.is_delta,
-                                   "identity": f.identity()} for t, f in enumerate(fts)}}
-    data = {
-        "schema": SCHEMA,
-        "tasks": names,
-        "config": {"scope": scope if isinstance(scope, str) else "list", "dtype": str(dtype).replace("torch.", ""),
-                   "statistics": "full" if signs else "basic",
-                   "top_k_percent": list(ks), "spectra_max_dim": spectra_max_dim, "n_singular": n_singular},
-        "inputs": inputs,
-        "scope": {"n_tensors": len(work), "n_params": int(total.numel), "out_of_scope": out_of_scope,
-                  "skipped": skipped},
-        "global": glob["tasks"],
-        "base_norm": glob["base_norm"],
-        "cosine": glob["cosine"],
-        "sign_conflict": glob["sign_conflict"],
-        "mask_overlap": glob["mask_overlap"],
-        "layers": layers,
-        "tensors": tensors,
-        "alignment": {names[t]: al.to_dict() for t, (al, _, _) in enumerate(aligned)},
-        "added_rows": added,
-        "timing": {"seconds": time.perf_counter() - t0, "bytes_read": int(total_bytes),
-                   "buffer_bytes": int((T + 1) * max_numel * torch.empty((), dtype=dtype).element_size())},
-    }
-    return CollectionStats(data, spectra)
+        layers = {g: groups[g].summary(names) for g in sorted(groups, key=_gorder)}
+        glob = total.summary(names)
+        # identity = hash of file names, sizes and mtimes: a content hash would cost one more full read
+        inputs = {"base": {"source": base.source, "format": base.format, "identity": base.identity()},
+                  "tasks": {names[t]: {"source": f.source, "format": f.format, "is_delta": f.is_delta,
+                                       "identity": f.identity()} for t, f in enumerate(fts)}}
+        data = {
+            "schema": SCHEMA,
+            "tasks": names,
+            "config": {"scope": scope if isinstance(scope, str) else "list", "dtype": str(dtype).replace("torch.", ""),
+                       "statistics": "full" if signs else "basic",
+                       "top_k_percent": list(ks), "spectra_max_dim": spectra_max_dim, "n_singular": n_singular},
+            "inputs": inputs,
+            "scope": {"n_tensors": len(work), "n_params": int(total.numel), "out_of_scope": out_of_scope,
+                      "skipped": skipped},
+            "global": glob["tasks"],
+            "base_norm": glob["base_norm"],
+            "cosine": glob["cosine"],
+            "sign_conflict": glob["sign_conflict"],
+            "mask_overlap": glob["mask_overlap"],
+            "layers": layers,
+            "tensors": tensors,
+            "alignment": {names[t]: al.to_dict() for t, (al, _, _) in enumerate(aligned)},
+            "added_rows": added,
+            "timing": {"seconds": time.perf_counter() - t0, "bytes_read": int(total_bytes),
+                       "buffer_bytes": int((T + 1) * max_numel * torch.empty((), dtype=dtype).element_size())},
+        }
+        return CollectionStats(data, spectra)
 
 
 def _basic_stream(acc: _Acc, base: Checkpoint, fts: list, aligned: list, n: str, names: list, buf: _Buffers,
@@ -409,96 +459,159 @@ def _sum_sq(x: torch.Tensor, blk: torch.Tensor) -> float:
     return total
 
 
-def _top_k(acc: _Acc, taus: list[torch.Tensor], scratch: torch.Tensor, ks: tuple, blk: torch.Tensor) -> np.ndarray:
-    """Per task: the m-th largest |τ| for each k and the squared mass of the m largest entries."""
+def _top_k(acc: _Acc, taus: list[torch.Tensor], buf: _Buffers, ks: tuple) -> np.ndarray:
+    """Per task: the m-th largest |τ| for each k and the squared mass of the m largest entries.
+
+    Tasks run on the workers, each through its own block buffers, gathering its candidates into its
+    share of θ₀'s (now free) buffer; a task whose sampled bracket misses (ties, a zero τ) is redone
+    afterwards by a partition of the whole |τ| in that buffer."""
     thr = np.zeros((len(ks), len(taus)))
     if not ks:
         return thr
     numel = taus[0].numel()
     ms = [n_top(numel, k) for k in ks]
-    for t, tau in enumerate(taus):
-        a = torch.abs(tau, out=scratch[:numel]).numpy()
-        for i, (th, top) in enumerate(_top_values(a, ms)):
-            thr[i, t] = th
-            acc.top_sq[i, t] = _sum_sq(torch.from_numpy(top), blk)
+    room = buf.base.numel() // len(taus)  # θ₀'s buffer is free now: each task gathers into its share
+    tops = buf.map(lambda blk, t: _top_values(taus[t], ms, blk, room=buf.base[t * room:(t + 1) * room]),
+                   range(len(taus)))
+    for t, top in enumerate(tops):
+        if top is None:
+            top = _top_values(taus[t], ms, buf.blocks[0], room=buf.base[:0], scratch=buf.base)
+        for i, (th, mass) in enumerate(top):
+            thr[i, t], acc.top_sq[i, t] = th, mass
     return thr
 
 
 _SAMPLE = 1 << 16
 
 
-def _top_values(a: np.ndarray, ms: list[int]):
-    """For each m: (m-th largest value of `a`, the m largest values). Exact.
+def _top_values(x: torch.Tensor, ms: list[int], blk: "_Blocks", room: torch.Tensor | None = None,
+                scratch: torch.Tensor | None = None):
+    """For each m: (m-th largest |x|, Σ of the squares of the m largest |x|, in float64). Exact.
 
     Fast path: a strided sample brackets the smallest threshold from below; only the entries above
-    that bracket (≈ max(m)/n of the array plus a margin) are selected and partitioned. Falls back to
-    an in-place partition of the whole array when the bracket misses (never changes the result)."""
-    n = a.size
+    that bracket (≈ max(m)/n of them plus a margin) are gathered, block by block through `blk`, into
+    `room` (default: a temporary of 2·max(m) + a block), and partitioned there — no full-size |x|.
+    Otherwise (small tensor, ties at the bracket, or no room) |x| is formed in `scratch` (a small
+    tensor gets a temporary) and partitioned in place; a large tensor without a scratch returns None,
+    so the caller can redo it where the scratch lives."""
+    n = x.numel()
     m_max = max(ms)
-    if n > 8 * _SAMPLE and m_max < 0.5 * n:
+    room = torch.empty(min(n, 2 * m_max + _CHUNK), dtype=x.dtype) if room is None else room
+    if n > 8 * _SAMPLE and m_max < 0.5 * n and room.numel() >= m_max:
         stride = n // _SAMPLE
-        sample = np.array(a[::stride], dtype=a.dtype)
+        sample = np.abs(x[::stride].numpy())
         S = sample.size
         # sample index whose value is (with ~6σ confidence) below the true m_max-th largest
         f = m_max / n
         j = int(S * (1 - f) - 6 * math.sqrt(S * f * (1 - f)) - 8)
         if j > 0:
-            lo = np.partition(sample, j)[j]
-            sel = _select_ge(a, lo)
-            if sel.size >= m_max:
-                k = sel.size
-                sel.partition(sorted({k - m for m in ms}))
-                return [(sel[k - m], sel[k - m:]) for m in ms]
-    a.partition(sorted({n - m for m in ms}))
-    return [(a[n - m], a[n - m:]) for m in ms]
+            sel = _select_abs_ge(x, np.partition(sample, j)[j], blk.s, room.numpy())
+            if sel is not None and sel.size >= m_max:
+                return _largest(sel, ms, blk.b)
+        if scratch is None:
+            return None
+    a = np.abs(x.numpy()) if scratch is None else torch.abs(x, out=scratch[:n]).numpy()
+    return _largest(a, ms, blk.b)
 
 
-def _select_ge(a: np.ndarray, lo) -> np.ndarray:
-    """a[a >= lo] without a full-size boolean temporary: count per block, then fill."""
-    blocks = [(s, min(a.size, s + _CHUNK)) for s in range(0, a.size, _CHUNK)]
-    counts = [int(np.count_nonzero(a[s:e] >= lo)) for s, e in blocks]
-    out = np.empty(sum(counts), dtype=a.dtype)
-    pos = 0
-    for (s, e), c in zip(blocks, counts):
-        if c:
-            out[pos:pos + c] = a[s:e][a[s:e] >= lo]
-            pos += c
-    return out
+def _largest(a: np.ndarray, ms: list[int], blk: torch.Tensor) -> list:
+    """(m-th largest, Σ squares of the m largest) of `a` for each m, by one in-place partition."""
+    k = a.size
+    a.partition(sorted({k - m for m in ms}))
+    return [(a[k - m], _sum_sq(torch.from_numpy(a[k - m:]), blk)) for m in ms]
+
+
+def _select_abs_ge(x: torch.Tensor, lo, blk: torch.Tensor, room: np.ndarray) -> np.ndarray | None:
+    """|x|[|x| >= lo] gathered block by block (through the block buffer `blk`) into `room`; None when
+    more entries qualify than it holds (ties at the bracket, e.g. a zero tensor)."""
+    got = 0
+    for s in range(0, x.numel(), _CHUNK):
+        e = min(x.numel(), s + _CHUNK)
+        a = torch.abs(x[s:e], out=blk[: e - s]).numpy()
+        v = a[a >= lo]
+        if got + v.size > room.size:
+            return None
+        room[got:got + v.size] = v
+        got += v.size
+    return room[:got]
+
+
+_HIST_BINS = 1 << 16  # most bins of one pattern histogram (one bincount per block)
 
 
 def _cross_stats(acc: _Acc, taus: list[torch.Tensor], thr: np.ndarray, buf: _Buffers, signs: bool = True) -> None:
     """Gram matrix, sign agreement and top-k mask intersections over column blocks of the T τ's.
 
-    Dots in float64. Sign and mask statistics come from a histogram of per-entry membership codes
-    (base-3 digit t = sign(τ_t) + 1; bit t of the mask code = |τ_t| in its top-k%), so all pairwise
-    counts cost a few passes for all pairs together; counts are exact integers."""
+    Dots in float64. Sign and mask statistics come from histograms of per-entry membership codes
+    (sign digit: base 3, digit t = sign(τ_t) + 1; mask k: bit t = |τ_t| in its top-k%), the digits
+    packed into as few histograms as fit `_HIST_BINS` (one for T = 3 and two top-k levels), so all
+    pairwise counts cost one bincount per block; counts are exact integers. The column range is split
+    between the workers, each with its own block buffers and partial sums."""
     T, numel = len(taus), taus[0].numel()
-    n_sign = 3 ** T
-    sign_hist = torch.zeros(n_sign, dtype=torch.int64)
-    mask_hist = torch.zeros((len(thr), 1 << T), dtype=torch.int64)
+    digits = ([3 ** T] if signs else []) + [1 << T] * len(thr)
+    groups = _pack(digits)
+    thr_pos = torch.from_numpy(np.maximum(thr, np.finfo(np.float64).tiny))  # |τ| ≥ thr and τ ≠ 0
+    W = len(buf.blocks)
+    cuts = [numel * w // W for w in range(W + 1)]
+    parts = buf.map(lambda blk, r: _cross_range(taus, thr_pos, signs, groups, blk, *r),
+                    [(cuts[w], cuts[w + 1]) for w in range(W) if cuts[w + 1] > cuts[w]])
+    hists = [np.zeros(d, dtype=np.int64) for d in digits]
+    for gram, part in parts:
+        acc.gram += gram
+        for h, p in zip(hists, part):
+            h += p
+    _counts_from_histograms(acc, T, hists[0] if signs else np.zeros(3 ** T, dtype=np.int64),
+                            np.stack(hists[int(signs):]) if len(thr) else np.zeros((0, 1 << T), dtype=np.int64))
+
+
+def _pack(sizes: list[int]) -> list[list[int]]:
+    """Consecutive digit indices grouped so that each group's product of sizes is ≤ _HIST_BINS."""
+    groups, cur, prod = [], [], 1
+    for i, s in enumerate(sizes):
+        if cur and prod * s > _HIST_BINS:
+            groups.append(cur)
+            cur, prod = [], 1
+        cur.append(i)
+        prod *= s
+    return groups + ([cur] if cur else [])
+
+
+def _cross_range(taus, thr_pos, signs: bool, groups, blk: "_Blocks", start: int, stop: int):
+    """Gram and per-digit pattern histograms of columns [start, stop) (one worker's share)."""
+    T = len(taus)
+    gram = np.zeros((T, T))
     w3 = torch.tensor([3.0 ** t for t in range(T)], dtype=torch.float64)
     w2 = torch.tensor([2.0 ** t for t in range(T)], dtype=torch.float64)
-    thr_pos = torch.from_numpy(np.maximum(thr, np.finfo(np.float64).tiny))  # |τ| ≥ thr and τ ≠ 0
-    for s in range(0, numel, _CHUNK):
-        e = min(numel, s + _CHUNK)
+    sizes = ([3 ** T] if signs else []) + [1 << T] * len(thr_pos)
+    hists = [torch.zeros(math.prod(sizes[d] for d in g), dtype=torch.int64) for g in groups]
+    for s in range(start, stop, _CHUNK):
+        e = min(stop, s + _CHUNK)
         c = e - s
-        X, A, code, icode = buf.x[:, :c], buf.a[:, :c], buf.code[:c], buf.icode[:c]
+        X, A, code, icode = blk.x[:, :c], blk.a[:, :c], blk.code[:c], blk.icode[:c]
         for t in range(T):
             X[t].copy_(taus[t][s:e])
-        acc.gram += _block_gram(X)
-        if signs:
-            torch.sign(X, out=A).add_(1.0)
-            torch.mv(A.T, w3, out=code)
+        gram += _block_gram(X)
+        for g, h in zip(groups, hists):
+            code.zero_()
+            scale = 1.0
+            for d in g:  # digits in order: the sign (if any) first, then X becomes |X| for the masks
+                if signs and d == 0:
+                    torch.sign(X, out=A).add_(1.0)
+                    torch.addmv(code, A.T, w3 * scale, out=code)
+                else:
+                    if d == int(signs):
+                        torch.abs(X, out=X)
+                    torch.ge(X, thr_pos[d - int(signs)][:, None], out=A)
+                    torch.addmv(code, A.T, w2 * scale, out=code)
+                scale *= sizes[d]
             icode.copy_(code)
-            sign_hist += torch.bincount(icode, minlength=n_sign)
-        if len(thr):
-            torch.abs(X, out=X)
-            for i in range(len(thr)):
-                torch.ge(X, thr_pos[i][:, None], out=A)
-                torch.mv(A.T, w2, out=code)
-                icode.copy_(code)
-                mask_hist[i] += torch.bincount(icode, minlength=1 << T)
-    _counts_from_histograms(acc, T, sign_hist.numpy(), mask_hist.numpy())
+            h += torch.bincount(icode, minlength=h.numel())
+    per_digit = []
+    for g, h in zip(groups, hists):  # marginal histogram of each digit (the first digit varies fastest)
+        arr = h.numpy().reshape([sizes[d] for d in reversed(g)])
+        for pos, d in enumerate(reversed(g)):
+            per_digit.append((d, arr.sum(axis=tuple(a for a in range(arr.ndim) if a != pos))))
+    return gram, [p for _, p in sorted(per_digit, key=lambda dp: dp[0])]
 
 
 def _counts_from_histograms(acc: _Acc, T: int, sign_hist: np.ndarray, mask_hist: np.ndarray) -> None:
