@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 
 from . import __version__
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except TaskvecError as exc:
@@ -62,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"taskvec {args.command}: interrupted; nothing partial was left behind", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (`kill`, `timeout`, a job scheduler) unwinds like Ctrl-C, so temporary outputs are removed."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, raise_interrupt)
+    except ValueError:  # not the main thread (taskvec called from a worker thread): leave signals alone
+        return None
 
 
 if __name__ == "__main__":

@@ -121,7 +121,10 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TaskvecError(f"{path} is a file, not a folder; choose another --out")
-    if not path.exists() or not any(path.iterdir()):
+    if not path.exists():
+        _check_creatable(path)
+        return
+    if not any(path.iterdir()):
         return
     if not overwrite:
         raise TaskvecError(f"{path} already exists and is not empty; choose another --out, remove it, or pass "
@@ -147,22 +150,69 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
                            f"taskvec's own output folders; choose another --out or remove it yourself")
 
 
+def _check_creatable(path: Path) -> None:
+    """Raise unless the folder `path` can be made: its nearest existing ancestor is a writable folder."""
+    from .errors import TaskvecError
+
+    up = path.absolute().parent
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise TaskvecError(f"cannot create {path}: {up} is a file, not a folder; choose another --out")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise TaskvecError(f"cannot create {path}: {up} is not writable; choose another --out")
+
+
+PARTIAL_OWNER = ".taskvec-partial-pid"  # inside a `.NAME.partial-*` folder while it is being built
+
+
+def _sweep_partials(path: Path) -> None:
+    """Remove `.NAME.partial-*` folders left beside `path` by a killed run (its recorded pid is gone)."""
+    for old in path.parent.glob(f".{path.name}.partial-*"):
+        try:
+            pid = int((old / PARTIAL_OWNER).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # not ours to judge (no owner record)
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), internal: bool = False
                ) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place when complete.
 
-    An interrupted run leaves only a hidden `.NAME.partial-*` folder, never a folder that looks done.
+    An interrupted run removes its temporary folder; a killed one (SIGKILL, power loss) leaves only a
+    hidden `.NAME.partial-*` folder, never a folder that looks done, and the next write of `path`
+    removes it once its recorded process is gone.
     `overwrite` replaces only what :func:`check_out_dir` allows: never a file, an input, a model folder,
     a collection or anything else a user could lose.
     """
+    from .errors import TaskvecError
+
     check_out_dir(path, overwrite=overwrite, inputs=inputs, internal=internal)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_partials(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    except OSError as exc:
+        raise TaskvecError(f"cannot create {path}: {exc.strerror or exc}; choose another --out") from None
     os.chmod(tmp, 0o777 & ~_umask())
+    (tmp / PARTIAL_OWNER).write_text(f"{os.getpid()}\n")  # a later run removes this folder if we are killed
     try:
         yield tmp
+        (tmp / PARTIAL_OWNER).unlink(missing_ok=True)
         (tmp / OUTPUT_MARKER).write_text("written by taskvec; `--overwrite` may replace this folder\n")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))

@@ -88,3 +88,57 @@ def test_vectors_overwrite_refuses_its_own_input(tmp_path, capsys):
                  "--no-progress"]) == 2
     assert "never replaces an input" in capsys.readouterr().err
     assert (f / "model.safetensors").read_bytes() == before
+
+
+def test_out_that_cannot_be_created_is_a_clear_error(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    with pytest.raises(TaskvecError, match="is a file, not a folder"):
+        _write(f / "sub")
+    assert f.read_text() == "keep me"
+
+
+def test_killed_run_partials_are_swept_by_the_next_write(tmp_path):
+    """A SIGKILLed run leaves `.out.partial-*` with its pid; the next write of `out` removes it (the
+    owner is gone), while a folder whose owner still runs, or without an owner record, is kept."""
+    import subprocess
+    import sys
+
+    from taskvec.io import PARTIAL_OWNER
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, running, foreign = (tmp_path / f".out.partial-{x}" for x in ("a", "b", "c"))
+    for d in (stale, running, foreign):
+        d.mkdir()
+        (d / "big.bin").write_bytes(b"x" * 10)
+    (stale / PARTIAL_OWNER).write_text(dead.stdout)
+    (running / PARTIAL_OWNER).write_text(f"{__import__('os').getppid()}\n")
+    _write(tmp_path / "out")
+    assert not stale.exists() and running.exists() and foreign.exists()
+    assert not (tmp_path / "out" / PARTIAL_OWNER).exists()
+
+
+def test_sigterm_removes_the_partial_output(tmp_path):
+    """`kill`/`timeout` send SIGTERM: the CLI unwinds like Ctrl-C and leaves no partial folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from taskvec.cli import main; import taskvec.commands.theory as t\n"
+            "from taskvec.io import atomic_dir\n"
+            "def slow(args):\n"
+            "    with atomic_dir(args.out) as tmp:\n"
+            "        (tmp / 'a').write_text('x'); print('ready', flush=True); time.sleep(60)\n"
+            "t.run = slow\n"
+            "sys.exit(main(['theory', '--eigenvalues', 'x.npy', '--n', '4', '--out', sys.argv[1]]))\n")
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists() and not list(tmp_path.glob(".o.partial-*"))

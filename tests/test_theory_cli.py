@@ -79,6 +79,24 @@ def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     assert main(["theory", "--eigenvalues", str(ev), "--targets", str(ev), "--out", str(out)]) == 2
     assert main(["theory", "--ntk", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "taskvec ntk" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["theory", "--ntk", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert "holds neither kernel.npy nor eigenvalues.npy" in capsys.readouterr().err
+    for opt, val, words in [("--tol", "-1", "--tol -1.0 must lie in [0, 1)"), ("--bootstrap", "-1", "must be ≥ 0"),
+                            ("--holdout", "2", "must be a fraction"), ("--epochs-trained", "-3", "must be > 0")]:
+        assert main(["theory", "--eigenvalues", str(ev), opt, val, "--out", str(out)]) == 2
+        assert words in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of the optimisers the translation knows
+        main(["theory", "--eigenvalues", str(ev), "--optimizer", "banana", "--out", str(out)])
+    assert "invalid choice" in capsys.readouterr().err
+    text = tmp_path / "notes.txt"
+    text.write_text("not an archive")
+    assert main(["theory", "--eigenvalues", str(ev), "--n", "64", "--sigma", "0.5", "--nested", str(text),
+                 "--out", str(out)]) == 2
+    assert "not a readable .npz archive" in capsys.readouterr().err
+    assert main(["theory", "--eigenvalues", str(ev), "--n", "64", "--sigma", "0.5", "--nested", str(ev),
+                 "--out", str(out)]) == 2
+    assert "single .npy array" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
 
 

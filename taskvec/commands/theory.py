@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
     tr.add_argument("--lr", type=float, help="learning rate")
     tr.add_argument("--batch-size", type=int, help="batch size")
     tr.add_argument("--loss", default="mean", choices=["half_mean", "mean", "half_sum", "sum"], help="loss convention (default mean, i.e. MSE without ½)")
-    tr.add_argument("--optimizer", default="sgd", help="sgd (exact correspondence) or adam/adamw (approximate)")
+    tr.add_argument("--optimizer", default="sgd", choices=["sgd", "gd", "adam", "adamw"],
+                    help="sgd (exact correspondence) or adam/adamw (approximate)")
     tr.add_argument("--epochs-trained", type=float, help="epochs actually trained, to compare with the prediction")
     tr.add_argument("--curves", type=Path, help="validation curve to compare T̂ with: a `taskvec finetune` curves.json, "
                     'or {"epoch": [...], "error": [...]}; its batch size is used when --batch-size is absent')
@@ -52,6 +53,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.set_defaults(func=run)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse numeric options outside their meaning before any work."""
+    bad = []
+    if not args.tol >= 0 or args.tol >= 1:
+        bad.append(f"--tol {args.tol} must lie in [0, 1)")
+    if args.bootstrap < 0:
+        bad.append(f"--bootstrap {args.bootstrap} must be ≥ 0")
+    if not 0 <= args.holdout < 1:
+        bad.append(f"--holdout {args.holdout} must be a fraction in [0, 1) (0 disables)")
+    if args.epochs_trained is not None and not args.epochs_trained > 0:
+        bad.append(f"--epochs-trained {args.epochs_trained} must be > 0")
+    if bad:
+        raise TaskvecError("; ".join(bad))
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
@@ -113,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..io import atomic_dir, check_out_dir, atomic_write_json, sha256_file
 
+    _check_numbers(args)
     input_paths = [x for x in (args.eigenvalues, args.kernel) if x]
     check_out_dir(args.out, overwrite=args.overwrite, inputs=input_paths)  # fail before the work, not after it
     from ..theory import figures
@@ -126,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
             args.kernel = args.ntk / "kernel.npy"
         if args.eigenvalues is None and args.kernel is None and (args.ntk / "eigenvalues.npy").is_file():
             args.eigenvalues = args.ntk / "eigenvalues.npy"
+        if args.eigenvalues is None and args.kernel is None:
+            raise TaskvecError(f"--ntk {args.ntk} holds neither kernel.npy nor eigenvalues.npy; pass the folder "
+                               "written by `taskvec ntk`")
     if args.eigenvalues is None and args.kernel is None:
         raise TaskvecError("pass --eigenvalues FILE.npy (eigenvalues of K/n), --kernel FILE.npy or --ntk DIR")
     from ..theory._checks import eigh, square_kernel
@@ -184,7 +204,15 @@ def run(args: argparse.Namespace) -> int:
     if args.nested is not None:
         if not args.nested.is_file():
             raise TaskvecError(f"--nested file {args.nested} does not exist")
-        with np.load(args.nested, allow_pickle=False) as z:
+        try:
+            z = np.load(args.nested, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise TaskvecError(f"--nested {args.nested} is not a readable .npz archive ({exc}); save it with "
+                               "numpy.savez(n_<size>=eigenvalues, …)") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise TaskvecError(f"--nested {args.nested} is a single .npy array; save the nested spectra with "
+                               "numpy.savez(n_<size>=eigenvalues, …)")
+        with z:
             try:
                 nested = {int(k.split("_", 1)[1]): z[k] for k in z.files}
             except (IndexError, ValueError):
