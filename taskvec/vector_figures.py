@@ -100,7 +100,8 @@ def plot_spectra(data: dict, spectra: dict):
         ax.set_xlabel("index i")
     for r in range(rows):
         axes[r, 0].set_ylabel("σ_i / σ_1")
-    axes.flat[0].legend(frameon=False)
+    if axes.flat[0].get_legend_handles_labels()[0]:  # no median line when every τ tensor is zero
+        axes.flat[0].legend(frameon=False)
     return fig
 
 

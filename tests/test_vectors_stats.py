@@ -211,6 +211,29 @@ def test_cli_vectors_writes_everything(gpt2_coll, tmp_path, capsys):
     assert "attention" in text and "transformer.h.0.attn.c_attn.weight" in text
 
 
+def test_cli_vectors_names_zero_and_skipped_and_refuses_bad_numbers(gpt2_coll, tmp_path, capsys):
+    """A fine-tune equal to the base is said to have τ = 0 (not bare NaNs); a tensor missing from a
+    fine-tune is named where it is skipped; nonsensical numbers are refused before any work."""
+    import warnings
+
+    c = gpt2_coll
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no matplotlib "no artists with labels" for an all-zero τ
+        assert main(["vectors", str(c["base"]), str(c["base"]), str(c["ft"][0]), "--names", "same,a",
+                     "--out", str(tmp_path / "z"), "--no-progress"]) == 0
+    assert "τ of same is zero" in capsys.readouterr().out
+    sd = state(tiny_model("gpt2"))
+    sd.pop("transformer.h.1.mlp.c_proj.weight")
+    torch.save(sd, tmp_path / "partial.pt")
+    assert main(["vectors", str(c["base"]), str(tmp_path / "partial.pt"), "--out", str(tmp_path / "p"),
+                 "--no-progress", "--no-figures"]) == 0
+    assert "skipped transformer.h.1.mlp.c_proj.weight: missing in partial" in capsys.readouterr().out
+    for opt, val in [("--n-singular", "-1"), ("--spectra-max-dim", "-3")]:
+        assert main(["vectors", str(c["base"]), str(c["ft"][0]), opt, val, "--out", str(tmp_path / "n")]) == 2
+        assert f"{opt} {val} must be" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
 def _bad_inputs(root):
     """(base, fine-tune, expected message) for each bad-input case of the issue."""
     base = tiny_model("gpt2")

@@ -54,6 +54,10 @@ def run(args) -> int:
         ks = _floats(args.top_k)
     except ValueError:
         raise TaskvecError(f"--top-k {args.top_k!r}: give comma-separated percentages, e.g. 1,10") from None
+    if args.spectra_max_dim < 0:
+        raise TaskvecError(f"--spectra-max-dim {args.spectra_max_dim} must be ≥ 0 (0: no spectra)")
+    if args.n_singular < 1:
+        raise TaskvecError(f"--n-singular {args.n_singular} must be ≥ 1")
     stats = collection_stats(args.base, args.fts, names, scope=args.scope, top_k_percent=ks,
                              spectra_max_dim=args.spectra_max_dim, n_singular=args.n_singular,
                              dtype=torch.float64 if args.float64 else torch.float32, progress=not args.no_progress,
@@ -78,6 +82,14 @@ def _print_summary(data: dict, out) -> None:
     sc = data["scope"]
     print(f"scope {data['config']['scope']}: {sc['n_tensors']} tensors, {sc['n_params']:,} parameters "
           f"({len(sc['out_of_scope'])} tensors out of scope, {len(sc['skipped'])} skipped)")
+    for name, why in list(sc["skipped"].items())[:5]:
+        print(f"  skipped {name}: {why}")
+    if len(sc["skipped"]) > 5:
+        print(f"  … and {len(sc['skipped']) - 5} more skipped tensors (all listed in vectors.json under scope.skipped)")
+    for n in names:
+        if not data["global"][n]["norm"]:
+            print(f"  note: τ of {n} is zero over this scope (the fine-tune equals the base there); its top-k "
+                  f"masses, cosines and sign statistics are undefined (null)")
     w = max(8, *(len(n) for n in names))
     print(f"{'task':<{w}}  {'‖τ‖':>10}  {'‖τ‖/‖θ₀‖':>10}  " + "  ".join(f"top{k:g}%" for k in data["config"]["top_k_percent"]))
     for n in names:
