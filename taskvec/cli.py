@@ -48,8 +48,16 @@ def _quiet_transformers() -> None:
         pass
 
 
+def _calm_progress_in_logs() -> None:
+    """Progress bars redraw many times a second; into a log file (stderr not a terminal) that is thousands
+    of lines, so there they update every 30 s instead (tqdm reads TQDM_* defaults from the environment)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
+    _calm_progress_in_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

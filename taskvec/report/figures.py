@@ -257,7 +257,8 @@ FIGURES = {
     "linearisation": (linearisation, "Relative error of the first-order prediction J·ατ of the output change along "
                                      "θ₀ + ατ (measured on probe points)."),
     "interference": (interference, "Interference: change of task A's test MSE when τ_B is added to θ₀ + τ_A — "
-                                   "predicted by the linearised model (left), measured on the merged model (middle)."),
+                                   "predicted by the linearised model (left), measured on the merged model (middle), and the "
+                                   "off-diagonal pairs plotted against each other with their Spearman ρ (right)."),
     "addition": (addition, "Task addition with α chosen on validation: each task's test MSE in every pair and in the "
                            "all-task merge, predicted by the linearised model against the measured merged model."),
     "disentanglement": (disentanglement, "Weight-disentanglement error ξ(α) over an α grid for every pair: "

@@ -113,10 +113,14 @@ SECTIONS = [
      "measured on validation; and the linearised fine-tune's test error next to the real one's.",
      ["stopping", "predictors", "linearisation"], None),
     ("Rates in n", "Slope of test error against sample size: measured, kernel GD, and predicted.", ["rates"], rate_rows),
-    ("Task arithmetic", "Addition, negation, interference and disentanglement: merged models measured, "
-     "linearised model predicted.", ["addition", "interference", "disentanglement"], arithmetic_rows),
+    ("Task arithmetic", "Addition, interference and disentanglement: merged models measured, linearised model "
+     "predicted, on the first eval_size test examples of each task (config.eval_size in results.json) — so θ₀'s "
+     "metric here can differ from the headline's, which uses the whole test split.",
+     ["addition", "interference", "disentanglement"], arithmetic_rows),
     ("Task negation", "θ₀ − α τ_t on every task: forgetting t (its metric should worsen) while the other tasks "
-     "barely move; measured on the negated model, predicted by the linearised one.", [], negation_rows),
+     "barely move; measured on the negated model, predicted by the linearised one, on the same eval_size test "
+     "examples as the arithmetic above (the 'base' column is θ₀ there, not the headline's whole test split).",
+     [], negation_rows),
     ("Agreement statistics", "", [], summary_rows),
 ]
 
