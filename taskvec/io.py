@@ -121,6 +121,8 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TaskvecError(f"{path} is a file, not a folder; choose another --out")
+    if not internal:
+        _check_apart_from_inputs(path, inputs)
     if not path.exists():
         _check_creatable(path)
         return
@@ -132,11 +134,6 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
     if internal:
         return
     resolved = path.resolve()
-    for inp in inputs:
-        r = Path(str(inp)).expanduser()
-        if r.exists() and (r.resolve() == resolved or resolved in r.resolve().parents):
-            raise TaskvecError(f"--out {path} is (or contains) the input {inp}; --overwrite never replaces an "
-                               f"input: choose another --out")
     held = _holds_model(path)
     if held:
         raise TaskvecError(f"{path} holds {held}; --overwrite never replaces those: choose another --out or "
@@ -148,6 +145,24 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
     if not ours and not derived:
         raise TaskvecError(f"{path} was not written by taskvec (no {OUTPUT_MARKER}): --overwrite only replaces "
                            f"taskvec's own output folders; choose another --out or remove it yourself")
+
+
+def _check_apart_from_inputs(path: Path, inputs) -> None:
+    """Raise if --out is an input, holds one, or lies inside an input folder (inputs are never modified)."""
+    from .errors import TaskvecError
+
+    resolved = path.resolve()
+    for inp in inputs:
+        r = Path(str(inp)).expanduser()
+        if not r.exists():
+            continue
+        r = r.resolve()
+        if r == resolved or resolved in r.parents:
+            raise TaskvecError(f"--out {path} is (or contains) the input {inp}; --overwrite never replaces an "
+                               f"input: choose another --out")
+        if r.is_dir() and r in resolved.parents:
+            raise TaskvecError(f"--out {path} lies inside the input folder {inp}; taskvec never writes into its "
+                               f"inputs: choose an --out outside it")
 
 
 def _check_creatable(path: Path) -> None:

@@ -142,3 +142,13 @@ def test_sigterm_removes_the_partial_output(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in err
     assert not out.exists() and not list(tmp_path.glob(".o.partial-*"))
+
+
+def test_out_inside_an_input_folder_is_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(TaskvecError, match="lies inside the input folder"):
+        _write_inputs(model / "sub", inputs=[model])
+    assert sorted(p.name for p in model.iterdir()) == ["model.safetensors"]
+    _write_inputs(tmp_path / "beside", inputs=[model])  # next to it is fine
