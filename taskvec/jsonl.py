@@ -13,6 +13,9 @@ FIELD_SETS = ({"prompt", "target"}, {"text"})
 def read_jsonl(path, *, limit: int | None = None) -> list[dict]:
     """Read a JSONL probe set. Blank or malformed lines are errors naming the line number."""
     path = Path(path)
+    if path.is_dir():
+        raise TaskvecError(f"{path}: is a folder; a probe set is one .jsonl file (one JSON object per line) — "
+                           f"pass that file")
     if not path.is_file():
         raise TaskvecError(f"{path}: probe-set file not found")
     rows: list[dict] = []

@@ -92,6 +92,109 @@ def _check_local_files(source: str) -> None:
                            f"check the path or pass a local model folder")
 
 
+def check_device(device) -> torch.device:
+    """The torch device named by `device`, refused with a clear message where torch here cannot use it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise TaskvecError(f"unknown device {str(device)!r}; use --device cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise TaskvecError(f"--device {device}: torch here has no CUDA (a CPU-only build, torch "
+                               f"{torch.__version__}); use --device cpu or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise TaskvecError(f"--device {device}: no CUDA device is visible (torch.cuda.is_available() is False); "
+                               f"use --device cpu or check the driver / CUDA_VISIBLE_DEVICES")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TaskvecError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise TaskvecError(f"--device {device}: torch here has no usable MPS (Apple GPU) backend; use --device cpu")
+    elif dev.type == "meta":
+        raise TaskvecError("--device meta holds no weights; use --device cpu or cuda")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            raise TaskvecError(f"--device {device}: torch here cannot use it ({first}); use --device cpu") from None
+    return dev
+
+
+def _check_checkpoint_files(source: str) -> None:
+    """Read the weight files' headers with taskvec's reader first, so truncated or corrupt files give its
+    clear message instead of a reader traceback deep inside transformers."""
+    from .checkpoints import open_checkpoint
+
+    if not os.path.isdir(source) and not source.endswith((".safetensors", ".index.json")):
+        return
+    ckpt = open_checkpoint(source)
+    ckpt.close()
+
+
+def _describe_keys(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return ", ".join(repr(k) for k in keys[:3]) + more
+
+
+def _is_tied_or_buffer(model: nn.Module, name: str, missing: set) -> bool:
+    """Whether missing key `name` is a buffer or a parameter sharing storage with a loaded one (tied)."""
+    buffers = dict(model.named_buffers())
+    if name in buffers:
+        return True
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(name)
+    if p is None:
+        return False
+    ptr = p.data_ptr()
+    return any(q.data_ptr() == ptr for n, q in params.items() if n != name and n not in missing)
+
+
+def _is_foreign(model: nn.Module, key: str) -> bool:
+    """Whether an unexpected checkpoint key belongs to a part this model deliberately lacks (a pooler or task
+    head dropped when loading a body) or is a buffer, rather than to one of its own modules."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix and key.startswith(prefix + ".") and not hasattr(model, prefix):
+        key = key[len(prefix) + 1:]
+    if key in dict(model.named_buffers()):
+        return True
+    top = key.split(".", 1)[0]
+    return not hasattr(model, top) or not isinstance(getattr(model, top), nn.Module)
+
+
+def check_loading_info(model: nn.Module, info: dict, source: str) -> None:
+    """Refuse a model whose weights did not all come from the checkpoint (missing weights are randomly
+    initialised, so every result would change from run to run) or whose checkpoint disagrees with its config."""
+    missing = set(info.get("missing_keys") or ())
+    real = sorted(k for k in missing if not _is_tied_or_buffer(model, k, missing))
+    if real:
+        raise TaskvecError(f"{source}: the checkpoint lacks {len(real)} weight(s) the model needs "
+                           f"({_describe_keys(real)}); transformers would initialise them randomly — re-save the "
+                           f"complete model with save_pretrained, or check --kind and config.json")
+    mism = [tuple(m) for m in info.get("mismatched_keys") or ()]
+    if mism:
+        name, shape_ckpt, shape_model = (list(mism[0]) + [None, None])[:3]
+        more = f" (and {len(mism) - 1} more)" if len(mism) > 1 else ""
+        raise TaskvecError(f"{source}: weight {name!r} has shape {tuple(shape_ckpt or ())} in the checkpoint but "
+                           f"{tuple(shape_model or ())} in the model built from config.json{more}; config.json "
+                           f"and the weights disagree — fix config.json or re-save the model")
+    extra = sorted(k for k in info.get("unexpected_keys") or () if not _is_foreign(model, k))
+    if extra:
+        raise TaskvecError(f"{source}: the checkpoint holds {len(extra)} weight(s) the model built from config.json "
+                           f"has no place for ({_describe_keys(extra)}); config.json and the weights disagree "
+                           f"(e.g. the layer count) — fix config.json or re-save the model")
+
+
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Refuse NaN/Inf parameters, naming the first such tensor: any one makes f(x; θ) and the kernel non-finite."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise TaskvecError(f"{source}: tensor {name!r} contains {bad} NaN/Inf values; the checkpoint is corrupt "
+                               f"or overflowed — re-export it")
+
+
 def load_model(source, *, kind: str = "auto", dtype: torch.dtype = torch.float32, device: str = "cpu",
                cache: bool = True) -> nn.Module:
     """Load a causal LM or an encoder body ready for kernels.
@@ -99,10 +202,12 @@ def load_model(source, *, kind: str = "auto", dtype: torch.dtype = torch.float32
     source: a model object (just prepared), a Hugging Face folder, a `.gguf` file (dequantised by
     transformers, then cached as safetensors so the next load is fast) or a hub id.
     kind='encoder' loads the bare body (`AutoModel`) without the pooler; 'causal-lm' loads
-    `AutoModelForCausalLM`. Always eager attention, eval mode, dropout off.
+    `AutoModelForCausalLM`. Always eager attention, eval mode, dropout off. Weights missing from the
+    checkpoint (other than tied ones and buffers), weights of the wrong shape and NaN/Inf weights are refused.
     """
     if kind not in KINDS:
         raise TaskvecError(f"unknown model kind {kind!r}; choose one of {KINDS}")
+    check_device(device)
     if isinstance(source, nn.Module):
         return prepare_model(source.to(device=device, dtype=dtype))
     source = str(source)
@@ -117,6 +222,8 @@ def load_model(source, *, kind: str = "auto", dtype: torch.dtype = torch.float32
         cfg = _read_config(Path(source))
         if kind == "auto":
             kind = detect_kind(cfg)
+    if os.path.exists(source):
+        _check_checkpoint_files(source)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
@@ -125,15 +232,17 @@ def load_model(source, *, kind: str = "auto", dtype: torch.dtype = torch.float32
     if kind == "auto":
         kind = detect_kind(config.to_dict())
     config._attn_implementation = "eager"
+    common = dict(config=config, dtype=dtype, attn_implementation="eager", output_loading_info=True,
+                  ignore_mismatched_sizes=True)
     try:
         if kind == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
-                                                         attn_implementation="eager")
+            model, info = AutoModelForCausalLM.from_pretrained(source, **common)
         else:
-            model = AutoModel.from_pretrained(source, config=config, dtype=dtype, attn_implementation="eager",
-                                              **_no_pooler_kwargs(config))
+            model, info = AutoModel.from_pretrained(source, **common, **_no_pooler_kwargs(config))
     except (OSError, ValueError) as exc:
         raise TaskvecError(f"{source}: cannot load as {kind} ({exc})") from exc
+    check_loading_info(model, info, source)
+    check_finite_weights(model, source)
     return prepare_model(model.to(device))
 
 

@@ -183,12 +183,16 @@ class OutputFunction:
 
     def __init__(self, kind: str, model: nn.Module, tokenizer, *, head: LinearHead | None = None,
                  label_words: Sequence[str] | None = None, max_length: int | None = None,
-                 truncate_text: bool = False):
+                 truncate_text: bool = False, source: str | None = None):
         from .models import context_length
 
         if kind not in OUTPUT_KINDS:
             raise TaskvecError(f"unknown output kind {kind!r}; choose one of {OUTPUT_KINDS}")
+        if max_length is not None and max_length < 1:
+            raise TaskvecError(f"--max-length must be a positive number of tokens (got {max_length}); "
+                               f"leave it out to use the model's context length")
         _refuse_mask_derived(model)
+        self.source = str(source) if source else None  # the JSONL file the examples are the lines of
         self.kind, self.model, self.tokenizer, self.head = kind, model, tokenizer, head
         self.truncate_text = bool(truncate_text)  # right-truncate texts to max_length (as fine-tuning did)
         self.causal = _is_causal(model)
@@ -217,12 +221,7 @@ class OutputFunction:
         elif kind in ("logits", "margin"):
             if not self.label_words or len(self.label_words) < 2:
                 raise TaskvecError(f"output {kind!r} on a causal LM needs ≥ 2 label words (--label-words)")
-            ids = []
-            for w in self.label_words:
-                t = tokenizer(w, add_special_tokens=False)["input_ids"]
-                if not t:
-                    raise TaskvecError(f"label word {w!r} tokenises to nothing; choose another word")
-                ids.append(t[0])
+            ids = [_label_token(tokenizer, w) for w in self.label_words]
             if len(set(ids)) < len(ids):
                 raise TaskvecError(f"label words {self.label_words} share their first token; choose distinct words")
             self.label_ids = torch.tensor(ids, dtype=torch.long)
@@ -254,7 +253,8 @@ class OutputFunction:
             if self.max_length and len(ids) > self.max_length:
                 fix = ("shorten it or raise --max-length" if self._length_source == "--max-length"
                        else "shorten it (the model cannot read longer sequences)")
-                raise TaskvecError(f"example {i} of the probe set ({_describe(ex)}): {len(ids)} tokens exceed "
+                where = self._where(i) if self.source else f"example {i} of the probe set"
+                raise TaskvecError(f"{where} ({_describe(ex)}): {len(ids)} tokens exceed "
                                    f"{self._length_source} ({self.max_length}); {fix}")
             seqs.append(ids)
             extra["start"].append(start)
@@ -274,26 +274,30 @@ class OutputFunction:
             batch["target_mask"] = (pos == stop - 1).long()
         return batch
 
+    def _where(self, i: int) -> str:
+        """Where example i came from: FILE:LINE when the examples are the lines of a JSONL file."""
+        return f"{self.source}:{i + 1}" if self.source else f"example {i}"
+
     def _encode_one(self, i: int, ex: Mapping):
         if self.kind in ("logprob", "logprob-mean"):
             if "prompt" not in ex or "target" not in ex:
-                raise TaskvecError(f"example {i}: output {self.kind!r} needs 'prompt' and 'target' fields, "
+                raise TaskvecError(f"{self._where(i)}: output {self.kind!r} needs 'prompt' and 'target' fields, "
                                    f"got {sorted(ex)}")
             ids, n_prompt = encode_prompt_target(self.tokenizer, str(ex["prompt"]), str(ex["target"]))
             if len(ids) == n_prompt:
-                raise TaskvecError(f"example {i}: target {ex['target']!r} tokenises to nothing; "
+                raise TaskvecError(f"{self._where(i)}: target {ex['target']!r} tokenises to nothing; "
                                    f"give a non-empty target")
             if n_prompt == 0:
-                raise TaskvecError(f"example {i}: empty prompt and no BOS token; the first target token "
+                raise TaskvecError(f"{self._where(i)}: empty prompt and no BOS token; the first target token "
                                    f"has nothing to condition on — give a prompt")
             return ids, n_prompt, len(ids), 0.0
         text = ex.get("text", ex.get("prompt"))
         if text is None:
-            raise TaskvecError(f"example {i}: needs a 'text' field, got {sorted(ex)}")
+            raise TaskvecError(f"{self._where(i)}: needs a 'text' field, got {sorted(ex)}")
         cut = {"truncation": True, "max_length": self.max_length} if self.truncate_text and self.max_length else {}
         ids = self.tokenizer(str(text), add_special_tokens=True, **cut)["input_ids"]
         if not ids:
-            raise TaskvecError(f"example {i}: text tokenises to nothing")
+            raise TaskvecError(f"{self._where(i)}: text tokenises to nothing")
         return ids, 0, len(ids), self._label(i, ex)
 
     def _label(self, i: int, ex: Mapping) -> float:
@@ -302,20 +306,20 @@ class OutputFunction:
             try:
                 return float(y) if y is not None else float("nan")
             except (TypeError, ValueError):
-                raise TaskvecError(f"example {i}: regression label {y!r} is not a number") from None
+                raise TaskvecError(f"{self._where(i)}: regression label {y!r} is not a number") from None
         if y is None:
             if self.kind == "margin" and self.n_classes > 2:
-                raise TaskvecError(f"example {i}: output 'margin' with {self.n_classes} classes needs a label")
+                raise TaskvecError(f"{self._where(i)}: output 'margin' with {self.n_classes} classes needs a label")
             return -1.0
         if isinstance(y, str) and self.label_words and y in self.label_words:
             return float(self.label_words.index(y))
         try:
             k = int(y)
         except (TypeError, ValueError):
-            raise TaskvecError(f"example {i}: class label {y!r} is neither an index nor one of the label "
+            raise TaskvecError(f"{self._where(i)}: class label {y!r} is neither an index nor one of the label "
                                f"words {self.label_words}") from None
         if not 0 <= k < self.n_classes:
-            raise TaskvecError(f"example {i}: class label {k} outside 0..{self.n_classes - 1}")
+            raise TaskvecError(f"{self._where(i)}: class label {k} outside 0..{self.n_classes - 1}")
         return float(k)
 
     # ---------------------------------------------------------------------------- evaluation
@@ -359,13 +363,28 @@ class OutputFunction:
 
 def make_output(kind: str, model: nn.Module, tokenizer, *, head: LinearHead | None = None,
                 label_words: Sequence[str] | None = None, max_length: int | None = None,
-                truncate_text: bool = False) -> OutputFunction:
+                truncate_text: bool = False, source: str | None = None) -> OutputFunction:
     """Build the output function f(x; θ) of `kind` for `model` (see module docstring).
 
     truncate_text: right-truncate text inputs to max_length (the tokenizer keeps its closing special
-    token) instead of refusing them — what fine-tuning does, so the kernel is of the trained f."""
+    token) instead of refusing them — what fine-tuning does, so the kernel is of the trained f.
+    source: the JSONL file whose lines the examples are, so errors name FILE:LINE."""
     return OutputFunction(kind, model, tokenizer, head=head, label_words=label_words, max_length=max_length,
-                          truncate_text=truncate_text)
+                          truncate_text=truncate_text, source=source)
+
+
+def _label_token(tokenizer, word: str) -> int:
+    """The token whose logit stands for label `word` (its first token); refused if the tokenizer does not
+    know the word, since the unknown token's logit would stand for it."""
+    t = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not t:
+        raise TaskvecError(f"label word {word!r} tokenises to nothing; choose another word")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and t[0] == unk:
+        raise TaskvecError(f"label word {word!r} is not in the tokenizer's vocabulary (it maps to the unknown token "
+                           f"{tokenizer.unk_token!r}); choose a word the tokenizer knows (check with "
+                           f"tokenizer.tokenize)")
+    return t[0]
 
 
 # model types that build positions or ALiBi biases from the 2-D attention mask, which f cannot pass

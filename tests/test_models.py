@@ -93,3 +93,78 @@ def test_real_gguf_loads_and_caches(tmp_path, monkeypatch):
     for (n1, p1), (n2, p2) in zip(first.named_parameters(), again.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
     assert load_tokenizer(gguf).pad_token is not None
+
+
+def _edit_weights(folder, edit):
+    """Rewrite folder/model.safetensors through `edit(state dict) -> state dict` (a broken copy of a real model)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    save_file(edit(load_file(str(path))), str(path), metadata={"format": "pt"})
+
+
+def test_missing_mismatched_and_unexpected_weights_are_refused(tmp_path):
+    import json
+
+    src = tiny_model("gpt2", seed=3)
+    for name in ("missing", "shape", "layers"):
+        save_hf(src, tmp_path / name)
+    gone = "transformer.h.1.attn.c_proj.weight"
+    _edit_weights(tmp_path / "missing", lambda sd: {k: v for k, v in sd.items() if k != gone})
+    with pytest.raises(TaskvecError, match=f"lacks 1 weight\\(s\\) the model needs \\('{gone}'\\).*randomly"):
+        load_model(tmp_path / "missing")
+    _edit_weights(tmp_path / "shape", lambda sd: {**sd, gone: sd[gone][:, :8].contiguous()})
+    with pytest.raises(TaskvecError, match=rf"weight '{gone}' has shape \(32, 8\) in the checkpoint but \(32, 32\)"):
+        load_model(tmp_path / "shape")
+    cfg = json.loads((tmp_path / "layers" / "config.json").read_text())
+    (tmp_path / "layers" / "config.json").write_text(json.dumps({**cfg, "n_layer": 1}))  # weights hold 2 layers
+    with pytest.raises(TaskvecError, match=r"holds \d+ weight\(s\) the model built from config.json has no place "
+                                           r"for \('transformer.h.1."):
+        load_model(tmp_path / "layers")
+
+
+def test_tied_weights_and_dropped_heads_still_load(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from tiny import tiny_config
+
+    llama = tiny_model("llama", seed=2)  # lm_head tied to the embeddings: not stored, not missing
+    save_hf(llama, tmp_path / "llama")
+    loaded = load_model(tmp_path / "llama")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert all(torch.equal(p, q) for p, q in zip(llama.parameters(), loaded.parameters()))
+    cfg = tiny_config("bert")
+    cfg.num_labels = 3
+    clf = BertForSequenceClassification(cfg)  # pooler + classifier are dropped when loading the body
+    save_hf(clf, tmp_path / "clf")
+    body = load_model(tmp_path / "clf", kind="encoder")
+    assert type(body).__name__ == "BertModel"
+    assert torch.equal(body.encoder.layer[0].attention.self.query.weight,
+                       clf.bert.encoder.layer[0].attention.self.query.weight)
+
+
+def test_truncated_and_non_finite_checkpoints_are_refused(tmp_path):
+    src = tiny_model("gpt2", seed=3)
+    save_hf(src, tmp_path / "trunc")
+    raw = (tmp_path / "trunc" / "model.safetensors").read_bytes()
+    (tmp_path / "trunc" / "model.safetensors").write_bytes(raw[: len(raw) * 2 // 3])
+    with pytest.raises(TaskvecError, match="model.safetensors: tensor .* the file is truncated"):
+        load_model(tmp_path / "trunc")
+    save_hf(src, tmp_path / "inf")
+    name = "transformer.ln_f.weight"
+    _edit_weights(tmp_path / "inf", lambda sd: {**sd, name: torch.full_like(sd[name], float("inf"))})
+    with pytest.raises(TaskvecError, match=f"tensor '{name}' contains 32 NaN/Inf values"):
+        load_model(tmp_path / "inf")
+
+
+def test_unusable_devices_are_refused():
+    from taskvec.models import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(TaskvecError, match="unknown device 'banana'"):
+        load_model(tiny_model("gpt2"), device="banana")
+    with pytest.raises(TaskvecError, match="meta holds no weights"):
+        check_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(TaskvecError, match=r"--device cuda:0: .*use --device cpu"):
+            load_model(tiny_model("gpt2"), device="cuda:0")

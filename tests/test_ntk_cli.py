@@ -135,7 +135,7 @@ def test_bad_input_errors(causal, tmp_path, capsys):
     assert rc == 2 and "bad.jsonl:1: needs fields" in err
     _jsonl(bad, [PAIRS[0], {"prompt": "the movie", "target": "   "}])
     rc, err = _err(["ntk", str(base), "--data", str(bad)] + common + [str(tmp_path / "o4")], capsys)
-    assert rc == 2 and "example 1: target '   ' tokenises to nothing" in err
+    assert rc == 2 and "bad.jsonl:2: target '   ' tokenises to nothing" in err
     _jsonl(bad, [{"prompt": "the " * 80, "target": " 7"}])
     rc, err = _err(["ntk", str(base), "--data", str(bad)] + common + [str(tmp_path / "o5")], capsys)
     assert rc == 2 and "exceed the model's context length (64)" in err

@@ -129,3 +129,24 @@ def test_bad_inputs(tmp_path):
     fl = make_output("logits", enc, etok, head=LinearHead(32, 3))
     with pytest.raises(TaskvecError, match="class label 5 outside"):
         fl.encode([{"text": "dull", "label": 5}])
+
+
+def test_unknown_label_words_and_bad_max_length_are_refused():
+    model, tok = load_model(tiny_model("gpt2", seed=4)), tiny_tokenizer()
+    assert tok("zzzz", add_special_tokens=False)["input_ids"][0] == tok.unk_token_id  # really unknown here
+    with pytest.raises(TaskvecError, match="label word 'zzzz' is not in the tokenizer's vocabulary .*'\\[UNK\\]'"):
+        make_output("margin", model, tok, label_words=[" dull", "zzzz"])
+    assert make_output("margin", model, tok, label_words=[" dull", " wonderful"]).label_ids.tolist() == [
+        tok(w, add_special_tokens=False)["input_ids"][0] for w in (" dull", " wonderful")]
+    for bad in (0, -1):
+        with pytest.raises(TaskvecError, match=f"--max-length must be a positive number of tokens \\(got {bad}\\)"):
+            make_output("logprob", model, tok, max_length=bad)
+
+
+def test_errors_name_file_and_line_when_the_examples_come_from_a_file():
+    model, tok = load_model(tiny_model("gpt2", seed=4)), tiny_tokenizer()
+    f = make_output("logprob", model, tok, source="probes.jsonl")
+    with pytest.raises(TaskvecError, match=r"^probes.jsonl:3: output 'logprob' needs 'prompt' and 'target'"):
+        f.encode([PAIRS[0], PAIRS[1], {"text": "hello"}])
+    with pytest.raises(TaskvecError, match=r"^probes.jsonl:1 \('the the .*exceed the model's context length"):
+        f.encode([{"prompt": "the " * 70, "target": " 7"}])

@@ -56,27 +56,39 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args) -> None:
+    """Refuse out-of-range numeric options before any work (shared by `ntk` and `project`)."""
+    from ..errors import TaskvecError
+
+    for flag, value, low in (("--limit", args.limit, 1), ("--top-k", args.top_k, 1),
+                             ("--max-length", args.max_length, 1), ("--sketch-dim", args.sketch_dim, 1),
+                             ("--directions", getattr(args, "directions", None), 0)):
+        if value is not None and value < low:
+            raise TaskvecError(f"{flag} must be ≥ {low} (got {value})")
+    if args.memory_gb is not None and not args.memory_gb > 0:
+        raise TaskvecError(f"--memory-gb must be a positive number of GB (got {args.memory_gb})")
+
+
 def load_setup(args):
     """(model, output function, examples, description) from parsed arguments."""
     import torch
 
-    from ..errors import TaskvecError
     from ..io import sha256_file
     from ..jsonl import read_jsonl
     from ..models import load_model, load_tokenizer
     from ..outputs import LinearHead, make_output, read_head_beside
 
     examples = read_jsonl(args.data, limit=args.limit)
-    if args.limit is not None and args.limit < 1:
-        raise TaskvecError(f"--limit must be ≥ 1 (got {args.limit})")
     dtype = getattr(torch, DTYPES[args.dtype])
     model = load_model(args.model, kind=args.kind, dtype=dtype, device=args.device)
     tok = load_tokenizer(args.model)
     head = LinearHead.load(args.head) if args.head else read_head_beside(args.model)
     words = [w for w in args.label_words.split(",")] if args.label_words else None
-    output = make_output(args.output, model, tok, head=head, label_words=words, max_length=args.max_length)
+    output = make_output(args.output, model, tok, head=head, label_words=words, max_length=args.max_length,
+                         source=args.data)
     desc = {"model": str(args.model), "data": str(args.data), "data_sha256": sha256_file(args.data),
-            "n_examples_read": len(examples), "dtype": args.dtype, "device": args.device}
+            "n_examples_read": len(examples), "dtype": args.dtype, "device": args.device,
+            "output": args.output, "scope": args.scope, "mode": args.mode}
     return model, output, examples, desc
 
 
@@ -92,6 +104,7 @@ def kernel_from_args(args, model, output, examples):
 def run(args) -> int:
     from ..io import atomic_dir, check_out_dir
 
+    check_args(args)
     check_out_dir(args.out, overwrite=args.overwrite, inputs=[args.model, args.data])  # fail before the work, not after it
 
     model, output, examples, desc = load_setup(args)

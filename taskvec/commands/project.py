@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .ntk import add_model_arguments, kernel_from_args, load_setup
+from .ntk import add_model_arguments, check_args, kernel_from_args, load_setup
 
 
 def add_parser(subparsers) -> None:
@@ -40,6 +40,85 @@ def load_task_vector(path: str, base: str, scope: str, progress: bool):
     raise TaskvecError(f"{path}: neither a task-vector .safetensors file nor a fine-tuned checkpoint folder")
 
 
+_OUTPUT_FIELDS = {"kind": "--output", "max_length": "--max-length (effective)", "label_words": "--label-words",
+                  "head_sha": "head (digest of --head)", "m": "output dimension m"}
+
+
+def _mismatch(where: str, what: str, saved, ours, fix: str = "recompute it or pass matching options") -> str:
+    return f"{where} was computed with {what} {saved}, this run uses {ours}: {fix}"
+
+
+def _check_output(where: str, saved: dict, ours: dict) -> None:
+    from ..errors import TaskvecError
+
+    for key, flag in _OUTPUT_FIELDS.items():
+        if key in saved and saved.get(key) != ours.get(key):
+            raise TaskvecError(_mismatch(where, flag, saved.get(key), ours.get(key)))
+
+
+def _check_scope(where: str, saved: dict, ours: dict, recorded: str | None, scope: str) -> None:
+    from ..errors import TaskvecError
+
+    if list(saved.get("tensors") or []) == list(ours["tensors"]) and saved.get("n_params") == ours["n_params"]:
+        return
+    if recorded is not None and recorded != scope:
+        raise TaskvecError(_mismatch(where, "--scope", recorded, scope))
+    extra = sorted(set(saved.get("tensors") or []) ^ set(ours["tensors"]))
+    raise TaskvecError(f"{where} was computed on a different parameter set ({len(saved.get('tensors') or [])} tensors, "
+                       f"{saved.get('n_params')} parameters) than this run's --scope {scope} ({len(ours['tensors'])} "
+                       f"tensors, {ours['n_params']} parameters{', e.g. ' + repr(extra[0]) if extra else ''}): "
+                       f"recompute it or pass the --scope it was computed with")
+
+
+def verify_kernel(result, args, model, output, examples) -> list[str]:
+    """Refuse a --kernel folder computed with other settings, weights or probes than this run (its
+    eigenbasis would silently be the wrong one); return what its ntk.json did not record to verify."""
+    from ..errors import TaskvecError
+    from ..ntk import build_space
+    from ..ntk.kernel import _examples_hash, model_digest
+
+    info, rec, where = result.info, result.info.get("inputs") or {}, f"--kernel {args.kernel}"
+    unverified = []
+    if "output" in info:
+        _check_output(where, info["output"], output.describe())
+    else:
+        unverified.append("--output and its options")
+    if "mode" in info and info["mode"] != args.mode:
+        raise TaskvecError(_mismatch(where, "--mode", info["mode"], args.mode))
+    dtype = str(next(model.parameters()).dtype)
+    if "dtype" in info and info["dtype"] != dtype:
+        raise TaskvecError(_mismatch(where, "--dtype", info["dtype"].replace("torch.", ""), args.dtype))
+    if "examples" not in info:
+        unverified.append("the probe examples")
+    elif info["examples"] != _examples_hash(examples):
+        was = f" (it records --data {rec['data']})" if rec.get("data") else ""
+        raise TaskvecError(f"{where} was computed on other probe examples than --data {args.data}{was}: same count, "
+                           f"different content or order; recompute it on these probes or pass the file it was "
+                           f"computed on")
+    if "model" not in info:
+        unverified.append("the model weights")
+    elif info["model"] != model_digest(model):
+        was = f" (it records {rec['model']})" if rec.get("model") else ""
+        raise TaskvecError(f"{where} was computed on other model weights than {args.model}{was}: recompute it on "
+                           f"{args.model} or pass the base model it was computed on")
+    if not isinstance(info.get("scope"), dict) or "tensors" not in info["scope"]:
+        raise TaskvecError(f"{where}: its ntk.json records no parameter scope (scope.tensors), which projecting "
+                           f"needs; recompute the kernel with `taskvec ntk`")
+    space = build_space(model, args.scope, token_ids=output.encode(examples)["input_ids"])
+    _check_scope(where, info["scope"], space.describe(), rec.get("scope"), args.scope)
+    return unverified
+
+
+def _check_nonzero(args, sq: float, what: str) -> None:
+    """τ = 0 has no direction: every energy fraction would be 0/0."""
+    from ..errors import TaskvecError
+
+    if sq == 0.0:
+        raise TaskvecError(f"{args.task_vector}: the task vector τ is zero {what} (the fine-tune equals the base "
+                           f"model {args.model}), so there is nothing to project; pass the fine-tuned checkpoint"
+                           f"{' or a wider --scope' if 'scope' in what else ''}")
+
+
 def _summary(p: dict) -> dict:
     keep = ("energy_row_space", "energy_fraction", "tau_sq_norm", "jtau_sq_norm", "top_k_cumulative",
             "unresolved_fraction", "n_modes_used", "constant_mode")
@@ -51,14 +130,18 @@ def _summary(p: dict) -> dict:
 
 
 def run(args) -> int:
-    if args.controls < 0:
-        from ..errors import TaskvecError
-
-        raise TaskvecError(f"--controls must be 0 or more (got {args.controls})")
-    import numpy as np
-    import torch
-
     from ..errors import TaskvecError
+
+    if args.controls < 0:
+        raise TaskvecError(f"--controls must be 0 or more (got {args.controls})")
+    if not args.fd_eps >= 0:
+        raise TaskvecError(f"--fd-eps must be > 0 (a step relative to ‖τ‖, e.g. 1e-3), or 0 to skip the check "
+                           f"(got {args.fd_eps})")
+    check_args(args)
+    import sys
+
+    import numpy as np
+
     from ..io import atomic_dir, check_out_dir, atomic_save_npy, atomic_write_json
 
     inputs = [x for x in (getattr(args, "model", None), args.task_vector, args.kernel, getattr(args, "data", None)) if x]
@@ -67,13 +150,20 @@ def run(args) -> int:
 
     model, output, examples, desc = load_setup(args)
     tv = load_task_vector(args.task_vector, args.model, args.scope, not args.no_progress)
+    _check_nonzero(args, tv.norm() ** 2, f"on all its {len(tv)} tensors")
+    unverified = []
     if args.kernel:
         result = KernelResult.load(args.kernel)
         if result.n != len(examples):
             raise TaskvecError(f"{args.kernel}: kernel has n={result.n} but --data gives {len(examples)} examples; "
                                f"use the same probe set (and --limit)")
+        unverified = verify_kernel(result, args, model, output, examples)
+        if unverified:
+            print(f"note: could not verify that --kernel {args.kernel} matches this run's {', '.join(unverified)}: "
+                  f"its ntk.json does not record them", file=sys.stderr)
     else:
         result = kernel_from_args(args, model, output, examples)
+        result.info["inputs"] = desc
     scope_names = set(result.info["scope"]["tensors"])
     direction = match_direction(model, tv)
     inside = {k: v for k, v in direction.items() if k in scope_names}
@@ -82,11 +172,13 @@ def run(args) -> int:
         raise TaskvecError(f"{args.task_vector}: none of its {len(direction)} tensors is in the kernel scope "
                            f"{args.scope!r}; use the same --scope as the task vector")
     sq = float(sum(float(v.double().pow(2).sum()) for v in inside.values()))
+    _check_nonzero(args, sq, f"on the {len(inside)} tensors inside the kernel scope")
     Jtau = jvp(model, output, examples, inside, progress=not args.no_progress)
     proj = project(result, Jtau, tau_sq_norm=sq)
     report = {"inputs": desc, "task_vector": str(args.task_vector), "scope": args.scope,
               "tensors_projected": len(inside), "tensors_outside_kernel_scope": outside,
               "kernel": {k: result.info.get(k) for k in ("strategy", "n", "m", "n_params", "cache_key", "mode")},
+              "kernel_unverified": unverified,
               "task": _summary(proj)}
     if args.fd_eps > 0:
         eps = args.fd_eps / max(np.sqrt(sq), 1e-12)

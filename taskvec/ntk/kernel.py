@@ -369,6 +369,17 @@ def _sliced_exact(model, space, probe, pl: Plan, runner: "_Runner") -> tuple[np.
     return K, r
 
 
+def _check_finite_kernel(K: np.ndarray, dtype: torch.dtype) -> None:
+    """Refuse a kernel with NaN/Inf entries before the eigendecomposition (which would fail obscurely)."""
+    bad = ~np.isfinite(K)
+    if bad.any():
+        i = int(np.argwhere(bad)[0][0])
+        fix = "use --dtype float64 or " if dtype != torch.float64 else ""
+        raise TaskvecError(f"the eNTK has {int(bad.sum())} NaN/Inf entries (first in row {i}): the output's gradients "
+                           f"on the probe set overflow or are undefined; {fix}check the model's weights and the "
+                           f"probe examples")
+
+
 def _scratch() -> str:
     d = cache_dir() / "tmp"
     d.mkdir(parents=True, exist_ok=True)
@@ -395,6 +406,9 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
     """
     if strategy not in STRATEGIES:
         raise TaskvecError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    if top_k is not None and top_k < 1:
+        raise TaskvecError(f"--top-k must be ≥ 1 eigenpairs (got {top_k}); leave it out to keep all of them "
+                           f"(not possible with strategy 'lanczos')")
     if sketch_dim is not None and sketch_dim < 1:
         raise TaskvecError(f"--sketch-dim must be a positive integer (got {sketch_dim})")
     if mode not in ("trace", "block"):
@@ -456,6 +470,7 @@ def compute_kernel(model: nn.Module, output: OutputFunction, examples: Sequence[
             K, extra = runner.sketch(pl, sketch, seed, check)
         K = _unpermute(K, _row_order(probe.order, rows_per_ex))
         K = 0.5 * (K + K.T)  # float32 row blocks are symmetric only to round-off; make K exactly symmetric
+        _check_finite_kernel(K, dtype)
         vals, vecs, spec_info = spectrum(K, n)
         if top_k:
             vals, vecs = vals[:top_k], vecs[:, :top_k]
