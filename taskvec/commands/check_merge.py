@@ -19,6 +19,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base", required=True, help="the base (pretrained) model")
     p.add_argument("--merged", required=True, help="the merged model to check")
     p.add_argument("--out", required=True, help="report folder (check.json + figure)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out report folder taskvec wrote (never an input or a model)")
     p.add_argument("--scope", default="all", help="tensors to check (preset or regex)")
     p.add_argument("--names", default=None, help="comma-separated task names, one per FT (default: the shortest "
                                                 "path suffixes that tell them apart, e.g. movies/epoch-3)")
@@ -37,12 +39,25 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_numbers(args) -> None:
+    """Numeric options that must be positive, refused before any work."""
+    from ..errors import TaskvecError
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise TaskvecError(f"{flag} {value}: must be a positive integer (e.g. {flag} 32)")
+
+
 def run(args) -> int:
     from ..errors import TaskvecError
     from ..io import check_out_dir
+    from ..merge.base import refuse_duplicate_finetunes
     from ..merge.check import check_merge, write_check
 
-    check_out_dir(args.out, inputs=[args.base, args.merged, *args.finetunes, *(args.data or [])])  # before the long tensor pass, not after it
+    _check_numbers(args)
+    inputs = [args.base, args.merged, *args.finetunes, *(args.data or [])]
+    check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before the long tensor pass, not after it
+    refuse_duplicate_finetunes(args.finetunes, "a task listed twice cannot be told apart from itself in the fit")
     from ..merge.retention_data import task_names
 
     names = task_names(args.finetunes, args.names.split(",") if args.names else None)
@@ -69,7 +84,8 @@ def run(args) -> int:
             progress=not args.no_progress, names=names)
         rep["findings"] = rep["findings"] + verdicts(rep["retention"])
     path = write_check(rep, args.out,
-                       extra=(lambda d: retention_figure(rep["retention"], d)) if "retention" in rep else None)
+                       extra=(lambda d: retention_figure(rep["retention"], d)) if "retention" in rep else None,
+                       overwrite=args.overwrite, inputs=inputs)
     print(f"{rep['classification']}: λ = [{', '.join(f'{x:.6g}' for x in rep['lambda_global'])}]  "
           f"({rep['n_tensors_checked']} tensors; report {path})")
     for f in rep["findings"]:

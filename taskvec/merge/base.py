@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -123,6 +124,20 @@ class MergeMethod:
         rec["conventions"] = dict(self.conventions)
         rec["arithmetic_dtype"] = "float32"
         return rec
+
+
+def refuse_duplicate_finetunes(sources: Sequence, hint: str) -> None:
+    """TaskvecError if one fine-tune (same resolved path, or same hub id) is listed twice: it would count
+    double in a merge, and make the tasks indistinguishable in a check. `hint` ends the message."""
+    seen: dict[str, int] = {}
+    for i, src in enumerate(sources):
+        src = str(getattr(src, "source", src))
+        p = Path(src).expanduser()
+        key = str(p.resolve()) if p.exists() else src
+        if key in seen:
+            raise TaskvecError(f"fine-tune {src} is given twice (fine-tunes {seen[key] + 1} and {i + 1}); "
+                               f"list each fine-tune once ({hint})")
+        seen[key] = i
 
 
 def tensor_seed(seed: int, name: str, model_index: int) -> int:

@@ -15,11 +15,12 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..checkpoints import align, open_checkpoint
+from ..checkpoints import align, check_finite, open_checkpoint
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json
 from ..scope import group_of, resolve_scope
 from . import signatures as sig
+from .base import refuse_duplicate_finetunes
 from .retention import predicted_retention  # noqa: F401  (re-exported hook)
 
 SUBSAMPLE = 1 << 18   # subset fit / ratio modes on at most this many (strided) entries per tensor
@@ -29,9 +30,12 @@ DENSE_TOL = 1e-5      # global residual fraction below which the merge *is* Σ �
 
 
 def _read(ck, al, name, base_t):
+    """θ_t of one fine-tune as a flat float64 array; NaN/Inf in it is refused (the fit would be meaningless)."""
     if ck.is_delta:
-        return base_t + ck.get(al.pairs[name]).double().numpy().ravel() if name in al.pairs else base_t
-    return ck.get(al.pairs[name]).double().numpy().ravel()
+        if name not in al.pairs:
+            return base_t
+        return base_t + check_finite(ck, al.pairs[name], ck.get(al.pairs[name])).double().numpy().ravel()
+    return check_finite(ck, al.pairs[name], ck.get(al.pairs[name])).double().numpy().ravel()
 
 
 def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.ndarray],
@@ -98,6 +102,7 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
     from .retention_data import task_names
 
     labels = task_names([str(f.source if hasattr(f, "source") else f) for f in finetunes], names)
+    refuse_duplicate_finetunes(finetunes, "a task listed twice cannot be told apart from itself in the fit")
 
     base = open_checkpoint(base)
     merged = open_checkpoint(merged)
@@ -123,7 +128,7 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
     comparable = [n for n in names if n in al_m.pairs and n not in al_m.added_rows]
     rows, deferred = [], []
     for name in tqdm(comparable, desc="check-merge", unit="tensor", disable=not progress):
-        b = base.get(name).double().numpy().ravel()
+        b = check_finite(base, name, base.get(name)).double().numpy().ravel()  # NaN in the merged model is a finding
         m = merged.get(al_m.pairs[name]).double().numpy().ravel()
         thetas = [_read(ft, al, name, b) for ft, al in zip(fts, al_fts)]
         eps = sig.MANTISSA_EPS.get(str(merged.dtype(al_m.pairs[name])).replace("torch.", ""), sig.EPS32)
@@ -386,10 +391,11 @@ def _rescale_convention(rep: dict) -> str:
     return "per-tensor factor (consistent with mergekit's L1-preserving rescale)"
 
 
-def write_check(report: dict, out_dir: str | Path, extra=None) -> Path:
+def write_check(report: dict, out_dir: str | Path, extra=None, *, overwrite: bool = False, inputs=()) -> Path:
     """Write out_dir/check.json and the per-layer λ / residual figure (PNG + PDF), all at once (atomic_dir);
-    `extra(folder)` may add more files first. Returns check.json's path."""
-    with atomic_dir(out_dir) as tmp:
+    `extra(folder)` may add more files first. `overwrite` replaces an earlier report, never one of `inputs`.
+    Returns check.json's path."""
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         _figure(report, tmp)
         if extra is not None:
             extra(tmp)

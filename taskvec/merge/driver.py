@@ -20,12 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoints import Checkpoint, align, open_checkpoint
+from ..checkpoints import Checkpoint, align, check_finite, open_checkpoint
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json
 from ..scope import resolve_scope
 from . import get_method
-from .base import MergeMethod, MergeParams, TensorContext
+from .base import MergeMethod, MergeParams, TensorContext, refuse_duplicate_finetunes
 from .ties import GlobalMagnitudeThreshold
 from .writer import SafetensorsWriter
 
@@ -50,7 +50,11 @@ def parse_size(size: int | str) -> int:
     unit = m.group(2).upper().rstrip("B")
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
+    nbytes = int(float(m.group(1)) * scale)
+    if nbytes < 1:
+        raise TaskvecError(f"--max-shard-size {size!r} is not positive; give a size like 2GB or 500MB "
+                           "(0 would write one shard per tensor)")
+    return nbytes
 
 
 def refuse_existing_output(out: Path, inputs: Sequence[str] = ()) -> None:
@@ -127,10 +131,22 @@ def _check_pairs(base: Checkpoint, fts: list[Checkpoint], scope_names: list[str]
 
 
 def _read_ft(base_t: torch.Tensor, ft: Checkpoint, al, name: str) -> torch.Tensor:
-    """θ_t for tensor `name` in float32 (a LoRA adapter gives θ₀ + ΔW; an unadapted tensor gives θ₀)."""
+    """θ_t for tensor `name` in float32 (a LoRA adapter gives θ₀ + ΔW; an unadapted tensor gives θ₀).
+    NaN/Inf is refused here, as it is read, so no merged tensor is ever computed from it."""
     if ft.is_delta:
-        return base_t + ft.get(al.pairs[name]) if name in al.pairs else base_t
-    return ft.get(al.pairs[name])
+        return base_t + check_finite(ft, al.pairs[name], ft.get(al.pairs[name])) if name in al.pairs else base_t
+    return check_finite(ft, al.pairs[name], ft.get(al.pairs[name]))
+
+
+def _read_base(base: Checkpoint, name: str, merged: bool) -> torch.Tensor:
+    """Base tensor `name` (float32 if it is merged, its own dtype if copied), refused if it holds NaN/Inf
+    (merged or copied, it would land in the output)."""
+    t = base.get(name) if merged else base.get(name, dtype=None)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise TaskvecError(f"{base.tensor_file(name)}: tensor {name!r} of the base contains "
+                           f"{int((~torch.isfinite(t)).sum())} NaN/Inf values and would end up in the merge; the base "
+                           "checkpoint is corrupt or overflowed — re-export it (nothing was written)")
+    return t
 
 
 def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, params: MergeParams | None = None,
@@ -149,6 +165,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
         raise TaskvecError(f"--dtype {out_dtype!r}: choose one of {sorted(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
     params = method.resolve(params or MergeParams(), len(finetunes))
+    refuse_duplicate_finetunes(finetunes, "give it a larger --weight to count it more")
     srcs = [str(getattr(s, "source", s)) for s in [base, *finetunes]]
     refuse_existing_output(out, srcs)
 
@@ -172,7 +189,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
         thresholds = _global_thresholds(base, fts, alignments, merged_names, params, progress)
 
     def tensors(name):
-        b = base.get(name)
+        b = _read_base(base, name, merged=True)
         return b, [_read_ft(b, ft, al, name) for ft, al in zip(fts, alignments)]
 
     n_shards = len(shards)
@@ -189,8 +206,8 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
                         t = method.combine(b, ft_ts, params, TensorContext(name=name, thresholds=thresholds))
                         del b, ft_ts
                     else:
-                        t = base.get(name, dtype=None)
-                    t = t.to(out_dtypes[name])
+                        t = _read_base(base, name, merged=False)
+                    t = _cast(t, out_dtypes[name], name, name in in_scope)
                     writer.write(name, t)
                     weight_map[name] = fname
                     total += t.numel() * t.element_size()
@@ -225,12 +242,22 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
     return out
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, merged: bool) -> torch.Tensor:
+    """`t` in the output dtype; a merged tensor that overflows it (finite in float32, Inf after) is refused."""
+    out = t.to(dtype)
+    if merged and out.is_floating_point() and dtype != t.dtype and not bool(torch.isfinite(out).all()):
+        raise TaskvecError(f"merged tensor {name!r} overflows {str(dtype).replace('torch.', '')} (largest |value| "
+                           f"{float(t.abs().max()):.4g}); write it with --dtype float32 or bfloat16, or lower "
+                           "--lambda/--weight")
+    return out
+
+
 def _global_thresholds(base, fts, alignments, names, params: MergeParams, progress: bool) -> tuple[float, ...]:
     """Two streaming passes computing each model's exact global magnitude threshold."""
     g = GlobalMagnitudeThreshold(params.densities)
     for phase, add in (("coarse", g.add_coarse), ("fine", g.add_fine)):
         for name in tqdm(names, desc=f"global trim ({phase} pass)", unit="tensor", disable=not progress):
-            b = base.get(name)
+            b = _read_base(base, name, merged=True)
             for t, (ft, al) in enumerate(zip(fts, alignments)):
                 add(t, (_read_ft(b, ft, al, name) - b).abs())
         if phase == "coarse":

@@ -57,6 +57,16 @@ def _path(ref, cfg_dir: Path, where: str) -> str:
     return ref
 
 
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line error as one line: file:line:column, what is wrong, how to fix it."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(str(x) for x in (getattr(exc, "problem", None), getattr(exc, "context", None)) if x) \
+        or str(exc)
+    return (f"{where}: not valid YAML ({' '.join(what.split())}); fix the syntax there — check the indentation, "
+            "a missing ':' after a key, or an unclosed quote or bracket")
+
+
 def read_mergekit_config(path: str | Path) -> MergeSpec:
     """Parse a mergekit YAML file into a MergeSpec (paths relative to the cwd, else to the YAML's folder)."""
     path = Path(path)
@@ -65,7 +75,7 @@ def read_mergekit_config(path: str | Path) -> MergeSpec:
     except FileNotFoundError:
         raise TaskvecError(f"{path}: no such mergekit config file") from None
     except yaml.YAMLError as exc:
-        raise TaskvecError(f"{path}: not valid YAML ({exc})") from None
+        raise TaskvecError(_yaml_error(path, exc)) from None
     if not isinstance(cfg, dict):
         raise TaskvecError(f"{path}: expected a mapping with merge_method, models and base_model")
     if "slices" in cfg:

@@ -1,0 +1,187 @@
+"""`taskvec merge` / `check-merge` refuse bad inputs with one clear line and write nothing: NaN/Inf in a base
+or fine-tune, non-positive numeric options, a fine-tune listed twice, broken YAML; `check-merge --overwrite`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import CORPUS, perturbed, save_hf, tiny_model, tiny_tokenizer
+
+from taskvec.cli import main
+from taskvec.errors import TaskvecError
+from taskvec.merge import MergeParams, merge_checkpoints
+from taskvec.merge.check import check_merge
+
+BIG = "transformer.h.0.mlp.c_fc.weight"
+NAN_AT = r"model\.safetensors.*'transformer\.h\.0\.mlp\.c_fc\.weight'.*NaN/Inf"
+
+
+def edited(src, dst, edit):
+    """Copy an HF folder, applying `edit(state_dict)` to its weights."""
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    edit(sd)
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def poison(value):
+    def edit(sd):
+        sd[BIG][1, 2] = value
+    return edit
+
+
+@pytest.fixture(scope="module")
+def coll(tmp_path_factory):
+    root = tmp_path_factory.mktemp("badinput")
+    base = tiny_model("gpt2", seed=0)
+    save_hf(base, root / "base", tiny_tokenizer())
+    fts = [save_hf(perturbed(base, scale=1e-2, seed=s), root / f"ft{s}") for s in (51, 52)]
+    nan_ft = edited(fts[1], root / "nanft", poison(float("nan")))
+    inf_base = edited(root / "base", root / "infbase", poison(float("inf")))
+    merged = merge_checkpoints(root / "base", fts, "task_arithmetic", MergeParams(weights=(0.5, 0.8)),
+                               root / "merged", progress=False)
+    return root, root / "base", fts, nan_ft, inf_base, merged
+
+
+def nothing_written(out):
+    """Neither the output folder nor a hidden partial folder beside it exists."""
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+def one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", MergeParams()),
+    ("linear", MergeParams()),
+    ("ties", MergeParams(densities=(0.5,))),
+    ("ties", MergeParams(densities=(0.5,), trim="global")),
+    ("dare_ties", MergeParams(densities=(0.5,))),
+])
+def test_merge_refuses_nan_in_a_finetune(coll, tmp_path, method, params):
+    root, base, fts, nan_ft, _, _ = coll
+    out = tmp_path / "o" / "m"
+    with pytest.raises(TaskvecError, match=r"nanft/" + NAN_AT):
+        merge_checkpoints(base, [fts[0], nan_ft], method, params, out, progress=False)
+    assert nothing_written(out)
+
+
+def test_merge_refuses_nonfinite_base_merged_or_copied(coll, tmp_path):
+    root, _, fts, _, inf_base, _ = coll
+    for scope in ("all", "attention"):  # c_fc merged, then copied from the base: Inf would land in the output
+        out = tmp_path / scope / "m"
+        with pytest.raises(TaskvecError, match=r"infbase/" + NAN_AT + ".*base.*re-export"):
+            merge_checkpoints(inf_base, fts, "ties", MergeParams(densities=(0.5,)), out, scope=scope, progress=False)
+        assert nothing_written(out)
+
+
+def test_cli_merge_nan_is_one_line_exit_2(coll, tmp_path, capsys):
+    root, base, fts, nan_ft, _, _ = coll
+    out = tmp_path / "m"
+    rc = main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), str(nan_ft), "--density", "0.5",
+               "--out", str(out), "--no-progress"])
+    assert rc == 2 and nothing_written(out)
+    one_line_error(capsys, str(nan_ft), BIG, "NaN/Inf", "--scope")
+
+
+def test_merge_refuses_half_precision_overflow(coll, tmp_path):
+    root, base, fts, _, _, _ = coll
+    out = tmp_path / "m"
+    with pytest.raises(TaskvecError, match="overflows float16.*--dtype float32"):
+        merge_checkpoints(base, fts, "task_arithmetic", MergeParams(lambda_=1e7), out, out_dtype="float16",
+                          progress=False)
+    assert nothing_written(out)
+
+
+def test_check_merge_refuses_nonfinite_base_or_finetune(coll, tmp_path, capsys):
+    root, base, fts, nan_ft, inf_base, merged = coll
+    with pytest.raises(TaskvecError, match=r"nanft/" + NAN_AT):
+        check_merge(base, merged, [fts[0], nan_ft], progress=False)
+    with pytest.raises(TaskvecError, match=r"infbase/" + NAN_AT):
+        check_merge(inf_base, merged, fts, progress=False)
+    out = tmp_path / "chk"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning on the way to the error
+        rc = main(["check-merge", "--base", str(base), "--merged", str(merged), str(fts[0]), str(nan_ft),
+                   "--out", str(out), "--no-progress"])
+    assert rc == 2 and nothing_written(out)
+    one_line_error(capsys, str(nan_ft), BIG, "NaN/Inf")
+
+
+def test_numeric_options_must_be_positive(coll, tmp_path, capsys):
+    root, base, fts, _, _, merged = coll
+    data = []
+    for t in range(2):
+        data.append(tmp_path / f"t{t}.jsonl")
+        data[-1].write_text("".join(json.dumps({"prompt": CORPUS[i], "target": " ok"}) + "\n" for i in range(3)))
+    common = ["check-merge", "--base", str(base), "--merged", str(merged), *map(str, fts), "--no-progress",
+              "--data", *map(str, data), "--output", "logprob"]
+    for flag in ("--batch-size", "--max-length"):
+        out = tmp_path / flag.strip("-")
+        assert main([*common, "--out", str(out), flag, "0"]) == 2 and nothing_written(out)
+        one_line_error(capsys, f"{flag} 0", "positive")
+    out = tmp_path / "shards"
+    assert main(["merge", "--base", str(base), "--method", "task_arithmetic", *map(str, fts), "--out", str(out),
+                 "--max-shard-size", "0", "--no-progress"]) == 2 and nothing_written(out)
+    one_line_error(capsys, "--max-shard-size", "not positive")
+
+
+def test_check_merge_overwrite(coll, tmp_path, capsys):
+    root, base, fts, _, _, merged = coll
+    out = tmp_path / "chk"
+    args = ["check-merge", "--base", str(base), "--merged", str(merged), "--out", str(out), "--no-progress"]
+    assert main([*args, str(fts[0])]) == 0
+    assert len(json.loads((out / "check.json").read_text())["lambda_global"]) == 1
+    capsys.readouterr()
+    assert main([*args, *map(str, fts)]) == 2
+    one_line_error(capsys, "--overwrite")
+    assert main([*args, *map(str, fts), "--overwrite"]) == 0  # the earlier report is replaced
+    rep = json.loads((out / "check.json").read_text())
+    assert [round(x, 4) for x in rep["lambda_global"]] == [0.5, 0.8]
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    capsys.readouterr()
+    rc = main(["check-merge", "--base", str(base), "--merged", str(merged), *map(str, fts), "--out", str(base),
+               "--overwrite", "--no-progress"])
+    assert rc == 2 and {p.name: p.read_bytes() for p in base.iterdir()} == before  # an input is never replaced
+    one_line_error(capsys, "never replaces")
+
+
+def test_duplicate_finetunes_are_refused(coll, tmp_path, capsys):
+    root, base, fts, _, _, merged = coll
+    again = f"{fts[0].parent}/./{fts[0].name}/"  # the same folder spelled differently
+    out = tmp_path / "m"
+    with pytest.raises(TaskvecError, match="given twice.*list each fine-tune once"):
+        merge_checkpoints(base, [fts[0], fts[1], again], "task_arithmetic", MergeParams(), out, progress=False)
+    assert nothing_written(out)
+    with pytest.raises(TaskvecError, match="given twice"):
+        check_merge(base, merged, [fts[0], again], progress=False)
+    rc = main(["check-merge", "--base", str(base), "--merged", str(merged), str(fts[0]), again,
+               "--out", str(tmp_path / "chk"), "--no-progress"])
+    assert rc == 2 and nothing_written(tmp_path / "chk")
+    one_line_error(capsys, "given twice", "(fine-tunes 1 and 2)")
+    rc = main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), again, "--density", "0.5",
+               "--out", str(out), "--no-progress"])
+    assert rc == 2 and nothing_written(out)
+    one_line_error(capsys, "given twice", "--weight")
+
+
+def test_broken_yaml_is_one_line_with_position(coll, tmp_path, capsys):
+    root, base, fts, _, _, _ = coll
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {fts[0]}\n   parameters: "
+                   "{weight: 1}\n")
+    out = tmp_path / "m"
+    assert main(["merge", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    assert nothing_written(out)
+    one_line_error(capsys, f"{cfg}:5:", "not valid YAML", "indentation")
