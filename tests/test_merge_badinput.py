@@ -4,13 +4,11 @@ or fine-tune, non-positive numeric options, a fine-tune listed twice, broken YAM
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny import CORPUS, perturbed, save_hf, tiny_model, tiny_tokenizer
+from tiny import edited, CORPUS, perturbed, save_hf, tiny_model, tiny_tokenizer
 
 from taskvec.cli import main
 from taskvec.errors import TaskvecError
@@ -19,15 +17,6 @@ from taskvec.merge.check import check_merge
 
 BIG = "transformer.h.0.mlp.c_fc.weight"
 NAN_AT = r"model\.safetensors.*'transformer\.h\.0\.mlp\.c_fc\.weight'.*NaN/Inf"
-
-
-def edited(src, dst, edit):
-    """Copy an HF folder, applying `edit(state_dict)` to its weights."""
-    shutil.copytree(src, dst)
-    sd = load_file(dst / "model.safetensors")
-    edit(sd)
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
 
 
 def poison(value):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny import perturbed, save_hf, tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
+from tiny import edited, perturbed, save_hf, tiny_model, tiny_tokenizer
 
 from taskvec.errors import TaskvecError
 from taskvec.merge import MergeParams, merge_checkpoints
@@ -29,15 +28,6 @@ def coll(tmp_path_factory):
 
 def kinds(rep):
     return {f["finding"]: f for f in rep["findings"]}
-
-
-def edited(src, dst, edit):
-    """Copy an HF folder, applying `edit(state_dict)` to its weights (a hand-broken merge)."""
-    shutil.copytree(src, dst)
-    sd = load_file(dst / "model.safetensors")
-    edit(sd)
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
 
 
 def test_recovers_task_arithmetic_lambdas(coll, tmp_path):

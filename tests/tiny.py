@@ -104,3 +104,17 @@ def save_hf(model, path: str | Path, tokenizer=None, **kw) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def edited(src: str | Path, dst: str | Path, edit) -> Path:
+    """Copy an HF folder to `dst`, applying `edit(state_dict)` to its model.safetensors (a hand-broken model)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    edit(sd)
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
