@@ -69,18 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     except TaskvecError as exc:
         print(f"taskvec {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"taskvec {args.command}: interrupted; nothing partial was left behind", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so the same cleanup runs (exit status 128 + 15)."""
+
+
 def _terminate_as_interrupt():
     """SIGTERM (`kill`, `timeout`, a job scheduler) unwinds like Ctrl-C, so temporary outputs are removed."""
     def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise _Terminated
 
     try:
         return signal.signal(signal.SIGTERM, raise_interrupt)

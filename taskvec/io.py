@@ -193,13 +193,18 @@ def _sweep_partials(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie — killed, not yet reaped by its parent — does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):  # no /proc here: trust kill(0)
+        return True
 
 
 @contextlib.contextmanager

@@ -140,7 +140,7 @@ def test_sigterm_removes_the_partial_output(tmp_path):
     time.sleep(0.2)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == 143 and "interrupted" in err
     assert not out.exists() and not list(tmp_path.glob(".o.partial-*"))
 
 
@@ -152,3 +152,23 @@ def test_out_inside_an_input_folder_is_refused(tmp_path):
         _write_inputs(model / "sub", inputs=[model])
     assert sorted(p.name for p in model.iterdir()) == ["model.safetensors"]
     _write_inputs(tmp_path / "beside", inputs=[model])  # next to it is fine
+
+
+def test_partial_of_a_killed_but_unreaped_run_is_swept(tmp_path):
+    """Right after `timeout -s KILL`, the killed run is a zombie until its parent reaps it: already gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from taskvec.io import PARTIAL_OWNER
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc.send_signal(signal.SIGKILL)
+    time.sleep(0.5)  # dead, and not waited for: a zombie
+    stale = tmp_path / ".out.partial-z"
+    stale.mkdir()
+    (stale / PARTIAL_OWNER).write_text(f"{proc.pid}\n")
+    _write(tmp_path / "out")
+    proc.wait()
+    assert not stale.exists()

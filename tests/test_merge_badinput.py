@@ -174,3 +174,31 @@ def test_broken_yaml_is_one_line_with_position(coll, tmp_path, capsys):
     assert main(["merge", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
     assert nothing_written(out)
     one_line_error(capsys, f"{cfg}:5:", "not valid YAML", "indentation")
+
+
+def test_copies_of_a_finetune_or_of_the_base_and_out_inside_an_input_are_refused(coll, tmp_path, capsys):
+    """Byte-identical fine-tunes under other paths (a `cp -r` copy, the base itself) would count double or
+    merge a zero τ; an --out inside an input folder would modify an input."""
+    import shutil
+
+    root, base, fts, _, _, _ = coll
+    copy = shutil.copytree(fts[0], tmp_path / "copy")
+    out = tmp_path / "m"
+    with pytest.raises(TaskvecError, match="same content as fine-tune 1"):
+        merge_checkpoints(base, [fts[0], copy], "task_arithmetic", MergeParams(), out, progress=False)
+    with pytest.raises(TaskvecError, match="same content as the base"):
+        merge_checkpoints(base, [base, fts[1]], "task_arithmetic", MergeParams(), out, progress=False)
+    assert nothing_written(out)
+    inside = fts[0] / "merged"
+    rc = main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), str(fts[1]), "--density", "0.5",
+               "--out", str(inside), "--no-progress"])
+    assert rc == 2 and not inside.exists()
+    one_line_error(capsys, "lies inside the input folder")
+
+
+def test_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "b.yml"
+    bad.write_bytes(b"\xff\xfemerge_method: ties\n")
+    for cfg, words in [(tmp_path, "is a folder"), (bad, "not UTF-8")]:
+        assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+        one_line_error(capsys, words)

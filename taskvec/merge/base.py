@@ -140,6 +140,18 @@ def refuse_duplicate_finetunes(sources: Sequence, hint: str) -> None:
         seen[key] = i
 
 
+def refuse_same_content(base, finetunes: Sequence) -> None:
+    """TaskvecError if a fine-tune's files are byte-identical to the base's or to another fine-tune's (a
+    copy under another path): its τ is zero, or it would count double."""
+    seen = {base.fingerprint(): f"the base {base.source}"}
+    for i, ft in enumerate(finetunes):
+        fp = ft.fingerprint()
+        if fp in seen:
+            raise TaskvecError(f"fine-tune {i + 1} ({ft.source}) has the same content as {seen[fp]}; list each "
+                               f"distinct fine-tune once (a copy of the base has τ = 0)")
+        seen[fp] = f"fine-tune {i + 1} ({ft.source})"
+
+
 def tensor_seed(seed: int, name: str, model_index: int) -> int:
     """A 63-bit seed for one (tensor, model) pair: reproducible whatever order tensors stream in."""
     digest = hashlib.sha256(f"{seed}\0{model_index}\0{name}".encode()).digest()

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..checkpoints import Checkpoint, align, check_finite, open_checkpoint
 from ..errors import TaskvecError
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
-from .base import MergeMethod, MergeParams, TensorContext, refuse_duplicate_finetunes
+from .base import MergeMethod, MergeParams, TensorContext, refuse_duplicate_finetunes, refuse_same_content
 from .ties import GlobalMagnitudeThreshold
 from .writer import SafetensorsWriter
 
@@ -168,12 +168,14 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
     refuse_duplicate_finetunes(finetunes, "give it a larger --weight to count it more")
     srcs = [str(getattr(s, "source", s)) for s in [base, *finetunes]]
     refuse_existing_output(out, srcs)
+    check_out_dir(out, inputs=srcs)  # e.g. not inside an input folder
 
     t_start = time.perf_counter()
     base = open_checkpoint(base)
     fts = [open_checkpoint(f) for f in finetunes]
     if base.is_delta:
         raise TaskvecError(f"{base.source}: a LoRA adapter cannot be the base; pass the model it was trained on")
+    refuse_same_content(base, fts)  # the record needs these content hashes anyway
     names = base.keys()
     excluded = align(base, base).excluded  # buffers and integer tensors: copied, never merged
     floats = [n for n in names if n not in excluded]

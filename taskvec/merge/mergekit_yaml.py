@@ -71,9 +71,14 @@ def read_mergekit_config(path: str | Path) -> MergeSpec:
     """Parse a mergekit YAML file into a MergeSpec (paths relative to the cwd, else to the YAML's folder)."""
     path = Path(path)
     try:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskvecError(f"{path}: no such mergekit config file") from None
+    except IsADirectoryError:
+        raise TaskvecError(f"{path} is a folder; --config takes a mergekit YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise TaskvecError(f"{path}: not UTF-8 text (byte {exc.start}); save the mergekit config as UTF-8 "
+                           f"YAML") from None
     except yaml.YAMLError as exc:
         raise TaskvecError(_yaml_error(path, exc)) from None
     if not isinstance(cfg, dict):
