@@ -129,6 +129,7 @@ def test_ntk_refuses_broken_checkpoints(files, tmp_path, capsys, model, expected
     (["--max-length", "-1"], "--max-length must be ≥ 1 (got -1)"),
     (["--max-length", "0"], "--max-length must be ≥ 1 (got 0)"),
     (["--device", "banana"], "unknown device 'banana'"),
+    (["--directions", "99"], "99 eigendirections asked for, but the kernel has only"),
     (["--output", "margin", "--label-words", "the,zzzz"], "label word 'zzzz' is not in the tokenizer's vocabulary"),
 ])
 def test_ntk_refuses_bad_options(files, tmp_path, capsys, extra, expected):

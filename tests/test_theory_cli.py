@@ -83,7 +83,8 @@ def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     assert main(["theory", "--ntk", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "holds neither kernel.npy nor eigenvalues.npy" in capsys.readouterr().err
     for opt, val, words in [("--tol", "-1", "--tol -1.0 must lie in [0, 1)"), ("--bootstrap", "-1", "must be ≥ 0"),
-                            ("--holdout", "2", "must be a fraction"), ("--epochs-trained", "-3", "must be > 0")]:
+                            ("--holdout", "2", "must be a fraction"), ("--epochs-trained", "-3", "must be > 0"),
+                            ("--seed", "-5", "--seed -5 must be ≥ 0"), ("--radius", "-2", "--radius -2.0 must be > 0")]:
         assert main(["theory", "--eigenvalues", str(ev), opt, val, "--out", str(out)]) == 2
         assert words in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not one of the optimisers the translation knows
@@ -118,3 +119,23 @@ def test_theory_compares_with_finetune_curve(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"foo": 1}))
     assert main(["theory", "--eigenvalues", str(ev), "--sigma", "0.3", "--curves", str(bad), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_theory_reads_n_of_a_top_k_spectrum_from_ntk_json(tmp_path):
+    """A lanczos folder holds only the top-k eigenvalues; n comes from its ntk.json, not from k."""
+    import json as _json
+
+    folder = tmp_path / "ntk"
+    folder.mkdir()
+    mu = 1.0 / np.arange(1, 11) ** 2
+    np.save(folder / "eigenvalues.npy", mu)
+    (folder / "ntk.json").write_text(_json.dumps({"n": 200, "strategy": "lanczos"}))
+    out = tmp_path / "o"
+    assert main(["theory", "--ntk", str(folder), "--sigma", "0.1", "--out", str(out), "--no-figures",
+                 "--window", "1", "8"]) == 0
+    res = _json.loads((out / "theory.json").read_text())
+    assert res["n"] == 200
+    assert main(["theory", "--eigenvalues", str(folder / "eigenvalues.npy"), "--n", "200", "--sigma", "0.1",
+                 "--out", str(tmp_path / "o2"), "--no-figures", "--window", "1", "8"]) == 0
+    res2 = _json.loads((tmp_path / "o2" / "theory.json").read_text())
+    assert res["early_stopping"] == res2["early_stopping"]  # the same as giving --n 200 by hand

@@ -66,8 +66,21 @@ def _check_numbers(args: argparse.Namespace) -> None:
         bad.append(f"--holdout {args.holdout} must be a fraction in [0, 1) (0 disables)")
     if args.epochs_trained is not None and not args.epochs_trained > 0:
         bad.append(f"--epochs-trained {args.epochs_trained} must be > 0")
+    if args.seed < 0:
+        bad.append(f"--seed {args.seed} must be ≥ 0")
+    if args.radius is not None and not args.radius > 0:
+        bad.append(f"--radius {args.radius} must be > 0")
     if bad:
         raise TaskvecError("; ".join(bad))
+
+
+def _recorded_n(folder: Path) -> int | None:
+    """The probe count n that `taskvec ntk` recorded in folder/ntk.json (None if absent)."""
+    try:
+        n = json.loads((folder / "ntk.json").read_text()).get("n")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
@@ -130,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_dir, check_out_dir, atomic_write_json, sha256_file
 
     _check_numbers(args)
-    input_paths = [x for x in (args.eigenvalues, args.kernel) if x]
+    input_paths = [x for x in (args.eigenvalues, args.kernel, args.ntk) if x]
     check_out_dir(args.out, overwrite=args.overwrite, inputs=input_paths)  # fail before the work, not after it
     from ..theory import figures
     from ..theory.stopping import rkhs_radius, sigma_heldout, sigma_krr, sigma_spectral_tail
@@ -143,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
             args.kernel = args.ntk / "kernel.npy"
         if args.eigenvalues is None and args.kernel is None and (args.ntk / "eigenvalues.npy").is_file():
             args.eigenvalues = args.ntk / "eigenvalues.npy"
+            if args.n is None:  # a top-k spectrum (lanczos) knows its n only from ntk.json
+                args.n = _recorded_n(args.ntk)
         if args.eigenvalues is None and args.kernel is None:
             raise TaskvecError(f"--ntk {args.ntk} holds neither kernel.npy nor eigenvalues.npy; pass the folder "
                                "written by `taskvec ntk`")

@@ -115,11 +115,15 @@ def eigendirections(model: nn.Module, output: OutputFunction, examples: Sequence
     from .jacobian import ProbeBatch
     from .params import build_space
 
+    have = len(result.eigenvalues)
+    if k > have:
+        raise TaskvecError(f"{k} eigendirections asked for, but the kernel has only {have} eigenvalues (n probes, "
+                           f"or --top-k for lanczos); lower --directions to ≤ {have}")
     vals = np.asarray(result.eigenvalues, float)[:k]
     if result.info.get("mode", "trace") != "trace" or output.m != 1:
         raise TaskvecError("eigendirections are implemented for scalar outputs (m = 1)")
     if (vals <= tol * vals[0]).any():
-        raise TaskvecError(f"only {(vals > tol * vals[0]).sum()} of the top {k} modes are non-null; lower k")
+        raise TaskvecError(f"only {(vals > tol * vals[0]).sum()} of the top {k} modes are non-null; lower --directions")
     space = build_space(model, scope)
     base = space.base(model)
     U = torch.as_tensor(np.asarray(result.eigenvectors)[:, :k] / np.sqrt(result.n * vals), dtype=torch.float64)
