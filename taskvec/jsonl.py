@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .errors import TaskvecError
@@ -43,6 +44,10 @@ def read_jsonl(path, *, limit: int | None = None) -> list[dict]:
         for key in ("prompt", "target", "text"):
             if key in obj and not isinstance(obj[key], str):
                 raise TaskvecError(f"{path}:{lineno}: field {key!r} must be a string")
+        label = obj.get("label")
+        if isinstance(label, bool) or (isinstance(label, float) and not math.isfinite(label)):
+            raise TaskvecError(f"{path}:{lineno}: label {label!r} is not usable; give a finite number (regression) "
+                               f"or a class index / label string")
         rows.append(obj)
         if limit is not None and len(rows) >= limit:
             break

@@ -107,6 +107,13 @@ def test_project_refuses_a_zero_task_vector(files, tmp_path, capsys):
                     "--output", "logprob", "--out", str(tmp_path / "z"), "--no-progress"], capsys)
     assert rc == 2 and "the task vector τ is zero" in err and "the fine-tune equals the base" in err
     assert not (tmp_path / "z").exists()
+    sd = load_file(str(files / "base" / "model.safetensors"))  # a fine-tune that moved only the word embeddings
+    shutil.copytree(files / "base", tmp_path / "emb")
+    sd["transformer.wte.weight"] = sd["transformer.wte.weight"] + 0.1
+    save_file(sd, str(tmp_path / "emb" / "model.safetensors"), metadata={"format": "pt"})
+    rc, err = _err(["project", str(files / "base"), str(tmp_path / "emb"), "--data", str(files / "p.jsonl"),
+                    "--output", "logprob", "--out", str(tmp_path / "z"), "--no-progress"], capsys)
+    assert rc == 2 and "τ is zero" in err and "under --scope body" in err and "wider --scope" in err
 
 
 @pytest.mark.parametrize("model, expected", [

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from taskvec.cli import main
+from taskvec.errors import TaskvecError
 from taskvec.jsonl import read_jsonl
 from tiny import perturbed, save_hf, tiny_model, tiny_tokenizer
 
@@ -127,6 +128,10 @@ def test_bad_input_errors(causal, tmp_path, capsys):
 
     bad.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps(PAIRS[1]) + "\n\n  \n")  # blank lines at the end
     assert read_jsonl(bad) == PAIRS[:2]
+    for label in ("true", "NaN", "Infinity"):  # not a regression target nor a class
+        bad.write_text('{"text": "ok", "label": 1.5}\n{"text": "x", "label": %s}\n' % label)
+        with pytest.raises(TaskvecError, match=r"bad.jsonl:2: label .* is not usable"):
+            read_jsonl(bad)
     bad.write_text(json.dumps(PAIRS[0]) + "\n{\"prompt\": \"x\", \"target\n")
     rc, err = _err(["ntk", str(base), "--data", str(bad)] + common + [str(tmp_path / "o2")], capsys)
     assert rc == 2 and "bad.jsonl:2: malformed JSON" in err

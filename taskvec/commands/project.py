@@ -114,9 +114,9 @@ def _check_nonzero(args, sq: float, what: str) -> None:
     from ..errors import TaskvecError
 
     if sq == 0.0:
-        raise TaskvecError(f"{args.task_vector}: the task vector τ is zero {what} (the fine-tune equals the base "
-                           f"model {args.model}), so there is nothing to project; pass the fine-tuned checkpoint"
-                           f"{' or a wider --scope' if 'scope' in what else ''}")
+        raise TaskvecError(f"{args.task_vector}: the task vector τ is zero {what} under --scope {args.scope} (the "
+                           f"fine-tune equals the base model {args.model} there), so there is nothing to project; "
+                           f"pass the fine-tuned checkpoint, or a wider --scope if it changed other tensors")
 
 
 def _summary(p: dict) -> dict:
