@@ -75,6 +75,18 @@ def test_recognises_ties(coll, tmp_path, weights):
     assert rep["explained_fraction"] > 0.99
 
 
+def test_half_precision_ties_of_a_float32_base_reads_as_trimming(tmp_path):
+    """Stored in bf16, an entry TIES left at θ₀ holds bf16(θ₀), not θ₀: compared at the merged dtype it
+    still reads as trimming (it used to read as DARE dropping)."""
+    base = tiny_model("llama", seed=0)
+    save_hf(base, tmp_path / "base", tiny_tokenizer())
+    fts = [save_hf(perturbed(base, scale=1e-2, seed=s), tmp_path / f"ft{s}") for s in (1, 2)]
+    out = merge_checkpoints(tmp_path / "base", fts, "ties", MergeParams(densities=(0.3,)), tmp_path / "m",
+                            out_dtype="bfloat16", progress=False)
+    rep = check_merge(tmp_path / "base", out, fts, progress=False)
+    assert rep["classification"] == "ties" and "trimming" in kinds(rep)
+
+
 @pytest.mark.parametrize("method,rescale", [("dare_linear", "l1"), ("dare_linear", "paper"), ("dare_ties", "l1")])
 def test_recognises_dare(coll, tmp_path, method, rescale):
     root, base, fts = coll

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..checkpoints import align, check_finite, open_checkpoint
@@ -128,8 +129,11 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
     comparable = [n for n in names if n in al_m.pairs and n not in al_m.added_rows]
     rows, deferred = [], []
     for name in tqdm(comparable, desc="check-merge", unit="tensor", disable=not progress):
-        b = check_finite(base, name, base.get(name)).double().numpy().ravel()  # NaN in the merged model is a finding
-        m = merged.get(al_m.pairs[name]).double().numpy().ravel()
+        b_t = check_finite(base, name, base.get(name))  # NaN in the merged model is a finding
+        m_dtype = merged.dtype(al_m.pairs[name])  # as stored (get() may have widened it)
+        b, m = b_t.double().numpy().ravel(), merged.get(al_m.pairs[name]).double().numpy().ravel()
+        if _coarser(m_dtype, base.dtype(name)):  # e.g. a bf16 merge of an fp32 base: an entry left at θ₀ is bf16(θ₀)
+            m = m - (b_t.to(m_dtype).double().numpy().ravel() - b)  # so that it compares equal to θ₀ exactly
         thetas = [_read(ft, al, name, b) for ft, al in zip(fts, al_fts)]
         eps = sig.MANTISSA_EPS.get(str(merged.dtype(al_m.pairs[name])).replace("torch.", ""), sig.EPS32)
         row = tensor_report(name, b, m, thetas, eps=eps)
@@ -164,6 +168,11 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
     })
     report["findings"] = findings(report)
     return report
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether floating dtype `a` rounds more coarsely than `b`."""
+    return a.is_floating_point and b.is_floating_point and torch.finfo(a).eps > torch.finfo(b).eps
 
 
 def _solve(rows, T):
