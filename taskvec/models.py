@@ -138,12 +138,10 @@ def _describe_keys(keys) -> str:
     return ", ".join(repr(k) for k in keys[:3]) + more
 
 
-def _is_tied_or_buffer(model: nn.Module, name: str, missing: set) -> bool:
+def _is_tied_or_buffer(name: str, buffers: set, params: dict, missing: set) -> bool:
     """Whether missing key `name` is a buffer or a parameter sharing storage with a loaded one (tied)."""
-    buffers = dict(model.named_buffers())
     if name in buffers:
         return True
-    params = dict(model.named_parameters(remove_duplicate=False))
     p = params.get(name)
     if p is None:
         return False
@@ -151,13 +149,13 @@ def _is_tied_or_buffer(model: nn.Module, name: str, missing: set) -> bool:
     return any(q.data_ptr() == ptr for n, q in params.items() if n != name and n not in missing)
 
 
-def _is_foreign(model: nn.Module, key: str) -> bool:
+def _is_foreign(model: nn.Module, key: str, buffers: set) -> bool:
     """Whether an unexpected checkpoint key belongs to a part this model deliberately lacks (a pooler or task
     head dropped when loading a body) or is a buffer, rather than to one of its own modules."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     if prefix and key.startswith(prefix + ".") and not hasattr(model, prefix):
         key = key[len(prefix) + 1:]
-    if key in dict(model.named_buffers()):
+    if key in buffers:
         return True
     top = key.split(".", 1)[0]
     return not hasattr(model, top) or not isinstance(getattr(model, top), nn.Module)
@@ -167,7 +165,9 @@ def check_loading_info(model: nn.Module, info: dict, source: str) -> None:
     """Refuse a model whose weights did not all come from the checkpoint (missing weights are randomly
     initialised, so every result would change from run to run) or whose checkpoint disagrees with its config."""
     missing = set(info.get("missing_keys") or ())
-    real = sorted(k for k in missing if not _is_tied_or_buffer(model, k, missing))
+    buffers = {n for n, _ in model.named_buffers()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    real = sorted(k for k in missing if not _is_tied_or_buffer(k, buffers, params, missing))
     if real:
         raise TaskvecError(f"{source}: the checkpoint lacks {len(real)} weight(s) the model needs "
                            f"({_describe_keys(real)}); transformers would initialise them randomly — re-save the "
@@ -179,7 +179,7 @@ def check_loading_info(model: nn.Module, info: dict, source: str) -> None:
         raise TaskvecError(f"{source}: weight {name!r} has shape {tuple(shape_ckpt or ())} in the checkpoint but "
                            f"{tuple(shape_model or ())} in the model built from config.json{more}; config.json "
                            f"and the weights disagree — fix config.json or re-save the model")
-    extra = sorted(k for k in info.get("unexpected_keys") or () if not _is_foreign(model, k))
+    extra = sorted(k for k in info.get("unexpected_keys") or () if not _is_foreign(model, k, buffers))
     if extra:
         raise TaskvecError(f"{source}: the checkpoint holds {len(extra)} weight(s) the model built from config.json "
                            f"has no place for ({_describe_keys(extra)}); config.json and the weights disagree "

@@ -307,22 +307,29 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
         added = {name: {} for name in names}
         total = _Acc(T, ks)
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="task vectors", disable=not progress)
+
+        def record(n: str, shape: tuple, acc: _Acc, spec: dict) -> None:
+            """File tensor n's sums (and per-task spectral statistics) under itself, its layer and the total."""
+            summ = acc.summary(names)
+            for name, d in spec.items():
+                summ["tasks"][name].update(d)
+            g = group_of(n)
+            tensors[n] = {"shape": list(shape), "group": g, "layer": layer_of(n), **summ}
+            groups.setdefault(g, _Acc(T, ks)).add(acc)
+            total.add(acc)
+
         for i, n in enumerate(work):
             if i + 1 < len(work):  # the OS reads the next tensor of every checkpoint while this one is computed
                 _prefetch(work[i + 1], base, fts, aligned)
             acc = _Acc(T, ks)
             shape = tuple(base.shape(n))
             numel = math.prod(shape)
+            acc.numel = numel
             if not signs:
                 _basic_stream(acc, base, fts, aligned, n, names, buf, added)
                 bar.update(base.nbytes(n) + sum(f.nbytes(a[0].pairs[n]) for f, a in zip(fts, aligned)
                                                 if n in a[0].pairs))
-                acc.numel = numel
-                summ = acc.summary(names)
-                g = group_of(n)
-                tensors[n] = {"shape": list(shape), "group": g, "layer": layer_of(n), **summ}
-                groups.setdefault(g, _Acc(T, ks)).add(acc)
-                total.add(acc)
+                record(n, shape, acc, {})
                 continue
             b = base.read_into(n, buf.base).reshape(-1)
             bar.update(base.nbytes(n))
@@ -350,7 +357,6 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
                                           "added_norm": math.sqrt(added_sq)}
                     x = x[:numel]
                 taus.append(x.sub_(b))
-            acc.numel = numel
             # per-task top-k% thresholds and masses (θ₀ is no longer needed: its buffer is their workspace)
             thresholds = _top_k(acc, taus, buf, ks)
             _cross_stats(acc, taus, thresholds, buf, signs)
@@ -370,47 +376,41 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
                     spec[names[t]] = {"effective_rank": effective_rank(s),
                                       "stable_rank": float((s ** 2).sum() / s[0] ** 2) if s[0] > 0 else 0.0,
                                       "top_singular_values": s[:n_singular].tolist()}
-            summ = acc.summary(names)
-            for name, d in spec.items():
-                summ["tasks"][name].update(d)
-            g = group_of(n)
-            tensors[n] = {"shape": list(shape), "group": g, "layer": layer_of(n), **summ}
-            groups.setdefault(g, _Acc(T, ks)).add(acc)
-            total.add(acc)
+            record(n, shape, acc, spec)
         bar.close()
 
-        def _gorder(g):
-            i = layer_of(g + ".")
-            return (1, i, "") if i is not None else ((0, 0, g) if g == "embeddings" else (2, 0, g))
+    def _gorder(g):
+        i = layer_of(g + ".")
+        return (1, i, "") if i is not None else ((0, 0, g) if g == "embeddings" else (2, 0, g))
 
-        layers = {g: groups[g].summary(names) for g in sorted(groups, key=_gorder)}
-        glob = total.summary(names)
-        # identity = hash of file names, sizes and mtimes: a content hash would cost one more full read
-        inputs = {"base": {"source": base.source, "format": base.format, "identity": base.identity()},
-                  "tasks": {names[t]: {"source": f.source, "format": f.format, "is_delta": f.is_delta,
-                                       "identity": f.identity()} for t, f in enumerate(fts)}}
-        data = {
-            "schema": SCHEMA,
-            "tasks": names,
-            "config": {"scope": scope if isinstance(scope, str) else "list", "dtype": str(dtype).replace("torch.", ""),
-                       "statistics": "full" if signs else "basic",
-                       "top_k_percent": list(ks), "spectra_max_dim": spectra_max_dim, "n_singular": n_singular},
-            "inputs": inputs,
-            "scope": {"n_tensors": len(work), "n_params": int(total.numel), "out_of_scope": out_of_scope,
-                      "skipped": skipped},
-            "global": glob["tasks"],
-            "base_norm": glob["base_norm"],
-            "cosine": glob["cosine"],
-            "sign_conflict": glob["sign_conflict"],
-            "mask_overlap": glob["mask_overlap"],
-            "layers": layers,
-            "tensors": tensors,
-            "alignment": {names[t]: al.to_dict() for t, (al, _, _) in enumerate(aligned)},
-            "added_rows": added,
-            "timing": {"seconds": time.perf_counter() - t0, "bytes_read": int(total_bytes),
-                       "buffer_bytes": int((T + 1) * max_numel * torch.empty((), dtype=dtype).element_size())},
-        }
-        return CollectionStats(data, spectra)
+    layers = {g: groups[g].summary(names) for g in sorted(groups, key=_gorder)}
+    glob = total.summary(names)
+    # identity = hash of file names, sizes and mtimes: a content hash would cost one more full read
+    inputs = {"base": {"source": base.source, "format": base.format, "identity": base.identity()},
+              "tasks": {names[t]: {"source": f.source, "format": f.format, "is_delta": f.is_delta,
+                                   "identity": f.identity()} for t, f in enumerate(fts)}}
+    data = {
+        "schema": SCHEMA,
+        "tasks": names,
+        "config": {"scope": scope if isinstance(scope, str) else "list", "dtype": str(dtype).replace("torch.", ""),
+                   "statistics": "full" if signs else "basic",
+                   "top_k_percent": list(ks), "spectra_max_dim": spectra_max_dim, "n_singular": n_singular},
+        "inputs": inputs,
+        "scope": {"n_tensors": len(work), "n_params": int(total.numel), "out_of_scope": out_of_scope,
+                  "skipped": skipped},
+        "global": glob["tasks"],
+        "base_norm": glob["base_norm"],
+        "cosine": glob["cosine"],
+        "sign_conflict": glob["sign_conflict"],
+        "mask_overlap": glob["mask_overlap"],
+        "layers": layers,
+        "tensors": tensors,
+        "alignment": {names[t]: al.to_dict() for t, (al, _, _) in enumerate(aligned)},
+        "added_rows": added,
+        "timing": {"seconds": time.perf_counter() - t0, "bytes_read": int(total_bytes),
+                   "buffer_bytes": int((T + 1) * max_numel * torch.empty((), dtype=dtype).element_size())},
+    }
+    return CollectionStats(data, spectra)
 
 
 def _basic_stream(acc: _Acc, base: Checkpoint, fts: list, aligned: list, n: str, names: list, buf: _Buffers,
@@ -566,7 +566,7 @@ def _cross_stats(acc: _Acc, taus: list[torch.Tensor], thr: np.ndarray, buf: _Buf
     thr_pos = torch.from_numpy(np.maximum(thr, np.finfo(np.float64).tiny))  # |τ| ≥ thr and τ ≠ 0
     W = len(buf.blocks)
     cuts = [numel * w // W for w in range(W + 1)]
-    parts = buf.map(lambda blk, r: _cross_range(taus, thr_pos, signs, groups, blk, *r),
+    parts = buf.map(lambda blk, r: _cross_range(taus, thr_pos, signs, digits, groups, blk, *r),
                     [(cuts[w], cuts[w + 1]) for w in range(W) if cuts[w + 1] > cuts[w]])
     hists = [np.zeros(d, dtype=np.int64) for d in digits]
     for gram, part in parts:
@@ -589,13 +589,13 @@ def _pack(sizes: list[int]) -> list[list[int]]:
     return groups + ([cur] if cur else [])
 
 
-def _cross_range(taus, thr_pos, signs: bool, groups, blk: "_Blocks", start: int, stop: int):
-    """Gram and per-digit pattern histograms of columns [start, stop) (one worker's share)."""
+def _cross_range(taus, thr_pos, signs: bool, sizes: list[int], groups, blk: "_Blocks", start: int, stop: int):
+    """Gram and per-digit pattern histograms (digit sizes `sizes`, packed as `groups`) of columns
+    [start, stop) (one worker's share)."""
     T = len(taus)
     gram = np.zeros((T, T))
     w3 = torch.tensor([3.0 ** t for t in range(T)], dtype=torch.float64)
     w2 = torch.tensor([2.0 ** t for t in range(T)], dtype=torch.float64)
-    sizes = ([3 ** T] if signs else []) + [1 << T] * len(thr_pos)
     hists = [torch.zeros(math.prod(sizes[d] for d in g), dtype=torch.int64) for g in groups]
     for s in range(start, stop, _CHUNK):
         e = min(stop, s + _CHUNK)

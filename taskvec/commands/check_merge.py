@@ -51,13 +51,11 @@ def _check_numbers(args) -> None:
 def run(args) -> int:
     from ..errors import TaskvecError
     from ..io import check_out_dir
-    from ..merge.base import refuse_duplicate_finetunes
     from ..merge.check import check_merge, write_check
 
     _check_numbers(args)
     inputs = [args.base, args.merged, *args.finetunes, *(args.data or [])]
     check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before the long tensor pass, not after it
-    refuse_duplicate_finetunes(args.finetunes, "a task listed twice cannot be told apart from itself in the fit")
     from ..merge.retention_data import task_names
 
     names = task_names(args.finetunes, args.names.split(",") if args.names else None)

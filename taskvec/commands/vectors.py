@@ -38,18 +38,14 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from pathlib import Path
-
     from ..errors import TaskvecError
     from ..io import atomic_dir, check_out_dir, atomic_path, atomic_write_json
 
-    check_out_dir(args.out, overwrite=args.overwrite, inputs=[args.base, *args.fts])  # fail before the work, not after it
+    inputs = [args.base, *args.fts]
+    check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # fail before the work, not after it
     from ..vector_stats import collection_stats
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise TaskvecError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     try:
         ks = _floats(args.top_k)
     except ValueError:
@@ -63,7 +59,7 @@ def run(args) -> int:
                              dtype=torch.float64 if args.float64 else torch.float32, progress=not args.no_progress,
                              allow_network=args.allow_network, basic=args.basic)
     data = stats.to_dict()
-    with atomic_dir(args.out, overwrite=args.overwrite, inputs=[args.base, *args.fts]) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:
         atomic_write_json(tmp / "vectors.json", data)
         if stats.spectra and any(stats.spectra.values()):
             with atomic_path(tmp / "spectra.npz") as p:
