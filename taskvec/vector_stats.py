@@ -210,6 +210,8 @@ def _resolve_inputs(base, fts, names, scope, allow_network):
     names = list(names)
     if len(names) != len(fts):
         raise TaskvecError(f"--names has {len(names)} entries for {len(fts)} fine-tunes; give one name per fine-tune")
+    if any(not n for n in names):
+        raise TaskvecError(f"task names must be non-empty (got {names}); pass --names a,b,… with one name per fine-tune")
     if len(set(names)) != len(names):
         raise TaskvecError(f"task names must be distinct (got {names}); pass --names a,b,…")
     aligned = [extract_pairs(base, f, scope) for f in fts]

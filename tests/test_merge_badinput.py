@@ -91,6 +91,10 @@ def test_merge_refuses_half_precision_overflow(coll, tmp_path):
         merge_checkpoints(base, fts, "task_arithmetic", MergeParams(lambda_=1e7), out, out_dtype="float16",
                           progress=False)
     assert nothing_written(out)
+    with pytest.raises(TaskvecError, match="overflows float32.*lower --lambda"):  # Inf made by the float32 sum
+        merge_checkpoints(base, fts, "task_arithmetic", MergeParams(lambda_=1e39), out, out_dtype="float32",
+                          progress=False)
+    assert nothing_written(out)
 
 
 def test_check_merge_refuses_nonfinite_base_or_finetune(coll, tmp_path, capsys):

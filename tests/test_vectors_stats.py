@@ -228,6 +228,15 @@ def test_cli_vectors_names_zero_and_skipped_and_refuses_bad_numbers(gpt2_coll, t
     assert main(["vectors", str(c["base"]), str(tmp_path / "partial.pt"), "--out", str(tmp_path / "p"),
                  "--no-progress", "--no-figures"]) == 0
     assert "skipped transformer.h.1.mlp.c_proj.weight: missing in partial" in capsys.readouterr().out
+    sd = state(tiny_model("gpt2"))
+    sd["transformer.h.9.mlp.c_fc.bias"] = torch.zeros(4)  # a layer the base lacks
+    torch.save(sd, tmp_path / "deeper.pt")
+    assert main(["vectors", str(c["base"]), str(tmp_path / "deeper.pt"), "--out", str(tmp_path / "d"),
+                 "--no-progress", "--no-figures"]) == 0
+    assert "holds 1 tensor(s) the base lacks (e.g. transformer.h.9.mlp.c_fc.bias)" in capsys.readouterr().out
+    assert main(["vectors", str(c["base"]), str(c["ft"][0]), str(c["ft"][1]), "--names", "a,",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "task names must be non-empty" in capsys.readouterr().err
     for opt, val in [("--n-singular", "-1"), ("--spectra-max-dim", "-3")]:
         assert main(["vectors", str(c["base"]), str(c["ft"][0]), opt, val, "--out", str(tmp_path / "n")]) == 2
         assert f"{opt} {val} must be" in capsys.readouterr().err

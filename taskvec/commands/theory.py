@@ -50,6 +50,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for fit intervals (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="accepted like every command's (theory shows no bar)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.set_defaults(func=run)

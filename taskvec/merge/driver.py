@@ -245,12 +245,13 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, merged: bool) -> torch.Tensor:
-    """`t` in the output dtype; a merged tensor that overflows it (finite in float32, Inf after) is refused."""
+    """`t` in the output dtype; a merged tensor that overflows (in the float32 arithmetic, or on the way to
+    a narrower output dtype) is refused — the inputs were checked finite, so the merge made the Inf."""
     out = t.to(dtype)
-    if merged and out.is_floating_point() and dtype != t.dtype and not bool(torch.isfinite(out).all()):
+    if merged and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        wider = "write it with --dtype float32 or bfloat16, or " if torch.finfo(dtype).max < 1e38 else ""
         raise TaskvecError(f"merged tensor {name!r} overflows {str(dtype).replace('torch.', '')} (largest |value| "
-                           f"{float(t.abs().max()):.4g}); write it with --dtype float32 or bfloat16, or lower "
-                           "--lambda/--weight")
+                           f"{float(t.abs().max()):.4g}); {wider}lower --lambda/--weight")
     return out
 
 
