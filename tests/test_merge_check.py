@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -170,6 +172,18 @@ def test_flags_nonfinite_missing_and_extra(coll, tmp_path):
     assert found["missing_tensors"]["tensors"] == ["transformer.h.1.ln_2.bias"]
     assert found["extra_tensors"]["tensors"] == ["transformer.h.9.extra.weight"]
     assert rep["classification"] == "task_arithmetic"  # the finite entries still fit exactly
+
+
+def test_merge_equal_to_the_base_reads_as_unchanged_without_numpy_warnings(coll, tmp_path):
+    """θ_m = θ₀ (τ_merged = 0), where GPT-2's zero biases leave entries with θ_m = θ₀ = 0: one clean finding,
+    classified 'unchanged', and no numpy RuntimeWarning (the subset fit divided 0 by a zero tolerance)."""
+    root, base, fts = coll
+    same = shutil.copytree(base, tmp_path / "same")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = check_merge(base, same, fts, progress=False)
+    assert rep["classification"] == "unchanged"
+    assert [(f["level"], f["finding"]) for f in rep["findings"]] == [("error", "unchanged")]
 
 
 def test_check_merge_bad_input(coll, tmp_path):

@@ -268,7 +268,9 @@ def _cv(coefs) -> list[float] | None:
 
 
 def classify(rep: dict) -> str:
-    """'task_arithmetic' | 'ties' | 'dare_linear' | 'dare_ties' | 'sign_election' | 'unexplained'."""
+    """'unchanged' | 'task_arithmetic' | 'ties' | 'dare_linear' | 'dare_ties' | 'sign_election' | 'unexplained'."""
+    if rep["delta_norm"] == 0:
+        return "unchanged"
     if rep["dense_fit"]:
         return "task_arithmetic"
     if rep["explained_fraction_median"] < 0.95:

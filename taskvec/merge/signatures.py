@@ -130,9 +130,10 @@ def subset_fit(X: np.ndarray, d: np.ndarray, coef: np.ndarray, theta_m: np.ndarr
         consistent = (ok_any & ~mixed_S).any(1)
         explained[s:s + chunk] = ex
         mixed += int((ex & ~consistent).sum())
-        # best subset: exact fits (sign-consistent first) before convex ones
-        err = np.where(ok_sum | ok_mean, np.minimum(err_sum, err_mean) / tol + 10.0 * mixed_S,
-                       np.where(ok_conv, 100.0, np.inf))
+        # best subset: exact fits (sign-consistent first) before convex ones; tol is 0 only where θ_m = θ₀ = 0 and
+        # every c_t τ_t = 0 (e.g. a zero bias the merge left unchanged): an exact fit, scored 0
+        rel_err = np.divide(np.minimum(err_sum, err_mean), tol, out=np.zeros_like(err_sum), where=tol > 0)
+        err = np.where(ok_sum | ok_mean, rel_err + 10.0 * mixed_S, np.where(ok_conv, 100.0, np.inf))
         best = err.argmin(1)
         rows = np.arange(len(dc))
         multi = ex & (size[best] > 1)
