@@ -292,8 +292,31 @@ def _load_gguf(path: Path, *, dtype, device, cache: bool) -> nn.Module:
     return prepare_model(model.to(device=device, dtype=dtype))
 
 
+# files that hold a tokenizer's vocabulary (tokenizer.json / tokenizer_config.json / tokenizer.model, vocab.json /
+# vocab.txt, merges.txt, sentencepiece *.model, tiktoken files)
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken")
+_COPY_TOKENIZER = ("copy the base model's tokenizer files into it, or save them there with "
+                   "tokenizer.save_pretrained")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Refuse a model folder without tokenizer files: transformers would quietly build an empty default one."""
+    if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise TaskvecError(f"{folder}: no tokenizer files in this model folder (tokenizer.json, tokenizer_config.json, "
+                           f"vocab.*, merges.txt, *.model); {_COPY_TOKENIZER}")
+
+
+def _check_tokenizer_not_empty(tok, source: str) -> None:
+    """Refuse a tokenizer with no tokens besides its special ones, or one that tokenises plain text to nothing."""
+    ordinary = len(tok) - len(set(tok.all_special_ids))
+    if ordinary <= 0 or not tok("hello world", add_special_tokens=False)["input_ids"]:
+        raise TaskvecError(f"{source}: the tokenizer is empty ({len(tok)} token(s), {max(ordinary, 0)} besides the "
+                           f"special ones); {_COPY_TOKENIZER}")
+
+
 def load_tokenizer(source):
-    """The tokenizer beside a model folder / GGUF file / hub id, with a pad token (EOS if none)."""
+    """The tokenizer beside a model folder / GGUF file / hub id, with a pad token (EOS if none).
+    A folder without tokenizer files and an empty tokenizer are refused."""
     from transformers import AutoTokenizer
 
     source = str(source)
@@ -307,10 +330,13 @@ def load_tokenizer(source):
                 tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
             _check_local_files(source)
+            if os.path.isdir(source):
+                _check_tokenizer_files(Path(source))
             tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
         raise TaskvecError(f"{source}: cannot load a tokenizer ({exc}); save one beside the model "
                            f"(tokenizer.save_pretrained)") from exc
+    _check_tokenizer_not_empty(tok, source)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TaskvecError(f"{source}: tokenizer has neither a pad nor an EOS token; add a pad token")

