@@ -76,6 +76,12 @@ def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     ev = _spectrum(tmp_path)
     assert main(["theory", "--eigenvalues", str(ev), "--lr", "0.1", "--out", str(out)]) == 2
     assert "--batch-size" in capsys.readouterr().err
+    for extra, missing in ([], "pass --lr and --batch-size"), (["--lr", "0.1"], "pass --batch-size"), \
+                          (["--batch-size", "8"], "pass --lr"):  # --epochs-trained alone would be silently unused
+        assert main(["theory", "--eigenvalues", str(ev), "--sigma", "0.3", "--epochs-trained", "3", *extra,
+                     "--out", str(out)]) == 2
+        assert f"--epochs-trained is compared with the predicted epochs, which need --lr and --batch-size (or " \
+               f"--curves for the batch size); {missing}" in capsys.readouterr().err
     assert main(["theory", "--eigenvalues", str(ev), "--targets", str(ev), "--out", str(out)]) == 2
     assert main(["theory", "--ntk", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "taskvec ntk" in capsys.readouterr().err
@@ -110,10 +116,11 @@ def test_theory_compares_with_finetune_curve(tmp_path):
     path.write_text(json.dumps(curves))
     out = tmp_path / "out"
     assert main(["theory", "--eigenvalues", str(ev), "--sigma", "0.3", "--lr", "0.05", "--curves", str(path),
-                 "--no-figures", "--bootstrap", "0", "--out", str(out)]) == 0
+                 "--epochs-trained", "4", "--no-figures", "--bootstrap", "0", "--out", str(out)]) == 0
     res = json.loads((out / "theory.json").read_text())
     c = res["stopping_vs_curve"]
     assert res["training"]["batch_size"] == 8  # taken from the curve
+    assert res["training"]["trained_over_predicted"] == pytest.approx(4 / res["training"]["epochs"])
     assert c["best_epoch_measured"] == 2.0 and c["metric"] == "mse"
     assert c["ratio_predicted_over_measured"] == pytest.approx(res["training"]["epochs"] / 2.0)
     bad = tmp_path / "bad.json"

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
     tr.add_argument("--loss", default="mean", choices=["half_mean", "mean", "half_sum", "sum"], help="loss convention (default mean, i.e. MSE without ½)")
     tr.add_argument("--optimizer", default="sgd", choices=["sgd", "gd", "adam", "adamw"],
                     help="sgd (exact correspondence) or adam/adamw (approximate)")
-    tr.add_argument("--epochs-trained", type=float, help="epochs actually trained, to compare with the prediction")
+    tr.add_argument("--epochs-trained", type=float, help="epochs actually trained, compared with the predicted epochs "
+                    "(trained_over_predicted); needs --lr and --batch-size (or --curves for the batch size) and σ")
     tr.add_argument("--curves", type=Path, help="validation curve to compare T̂ with: a `taskvec finetune` curves.json, "
                     'or {"epoch": [...], "error": [...]}; its batch size is used when --batch-size is absent')
     rt = p.add_argument_group("rates")
@@ -73,6 +74,18 @@ def _check_numbers(args: argparse.Namespace) -> None:
         bad.append(f"--radius {args.radius} must be > 0")
     if bad:
         raise TaskvecError("; ".join(bad))
+
+
+def _check_epochs_trained(args: argparse.Namespace) -> None:
+    """--epochs-trained is only used beside the predicted epochs, which need --lr and a batch size."""
+    if args.epochs_trained is None:
+        return
+    missing = [flag for flag, given in (("--lr", args.lr is not None),
+                                        ("--batch-size", args.batch_size is not None or args.curves is not None))
+               if not given]
+    if missing:
+        raise TaskvecError(f"--epochs-trained is compared with the predicted epochs, which need --lr and --batch-size "
+                           f"(or --curves for the batch size); pass {' and '.join(missing)}")
 
 
 def _recorded_n(folder: Path) -> int | None:
@@ -144,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_dir, check_out_dir, atomic_write_json, sha256_file
 
     _check_numbers(args)
+    _check_epochs_trained(args)
     input_paths = [x for x in (args.eigenvalues, args.kernel, args.ntk) if x]
     check_out_dir(args.out, overwrite=args.overwrite, inputs=input_paths)  # fail before the work, not after it
     from ..theory import figures
