@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import edited, perturbed, save_hf, tiny_model, tiny_tokenizer
 
+from taskvec.cli import main
 from taskvec.errors import TaskvecError
 from taskvec.merge import MergeParams, merge_checkpoints
 from taskvec.merge.check import check_merge, predicted_retention, write_check
@@ -172,6 +173,56 @@ def test_flags_nonfinite_missing_and_extra(coll, tmp_path):
     assert found["missing_tensors"]["tensors"] == ["transformer.h.1.ln_2.bias"]
     assert found["extra_tensors"]["tensors"] == ["transformer.h.9.extra.weight"]
     assert rep["classification"] == "task_arithmetic"  # the finite entries still fit exactly
+
+
+def fill_every_tensor(value):
+    def edit(sd):
+        for t in sd.values():
+            t.fill_(value)
+    return edit
+
+
+def poison_one_entry(sd):
+    sd[BIG][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("edit,what", [(fill_every_tensor(float("inf")), "every checked entry"),
+                                       (fill_every_tensor(float("nan")), "every checked entry"),
+                                       (poison_one_entry, "finite entries do not differ")])
+def test_nonfinite_merge_equal_to_the_base_elsewhere_is_not_determined(coll, tmp_path, capsys, edit, what):
+    """When NaN/Inf is all that departs from θ₀ there is nothing to fit: one non-finite error and 'not
+    determined', never λ = 0 beside 'unchanged' (the fit on the finite entries saw no change)."""
+    root, base, fts = coll
+    bad = edited(base, tmp_path / "bad", edit)
+    out = tmp_path / "chk"
+    assert main(["check-merge", "--base", str(base), "--merged", str(bad), *map(str, fts), "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "check.json").read_text())
+    assert rep["classification"] == "undetermined" and rep["lambda_global"] is None and rep["per_layer"] == {}
+    assert [(f["level"], f["finding"]) for f in rep["findings"]] == [("error", "nonfinite"), ("info", "not_determined")]
+    assert what in kinds(rep)["not_determined"]["message"]
+    assert printed.startswith("undetermined: λ not determined") and "λ = [" not in printed
+    assert "unchanged" not in printed and "equals the base" not in printed
+
+
+def test_tensors_with_no_finite_entry_do_not_vote(coll, tmp_path):
+    """Tensors that are all Inf hold no evidence: λ comes from the other tensors (it read 0, beside a
+    'task_arithmetic' verdict and 'tensors do not fit', when two thirds of the tensors were Inf)."""
+    root, base, fts = coll
+    good = merge_checkpoints(base, fts, "task_arithmetic", MergeParams(weights=(0.3, 0.5, 0.7)), tmp_path / "m",
+                             progress=False)
+
+    def two_thirds_inf(sd):
+        for i, name in enumerate(sorted(sd)):
+            if i % 3:
+                sd[name].fill_(float("inf"))
+
+    rep = check_merge(base, edited(good, tmp_path / "bad", two_thirds_inf), fts, progress=False)
+    assert rep["classification"] == "task_arithmetic"
+    assert np.abs(np.array(rep["lambda_global"]) - [0.3, 0.5, 0.7]).max() <= 1e-5
+    assert len(rep["nonfinite"]) > rep["n_tensors_checked"] / 2 > len(rep["tensors"])
+    assert "tensors_do_not_fit" not in kinds(rep) and kinds(rep)["nonfinite"]["level"] == "error"
 
 
 def test_merge_equal_to_the_base_reads_as_unchanged_without_numpy_warnings(coll, tmp_path):

@@ -84,8 +84,9 @@ def run(args) -> int:
     path = write_check(rep, args.out,
                        extra=(lambda d: retention_figure(rep["retention"], d)) if "retention" in rep else None,
                        overwrite=args.overwrite, inputs=inputs)
-    print(f"{rep['classification']}: λ = [{', '.join(f'{x:.6g}' for x in rep['lambda_global'])}]  "
-          f"({rep['n_tensors_checked']} tensors; report {path})")
+    lam = rep["lambda_global"]
+    lam_txt = "λ not determined" if lam is None else f"λ = [{', '.join(f'{x:.6g}' for x in lam)}]"
+    print(f"{rep['classification']}: {lam_txt}  ({rep['n_tensors_checked']} tensors; report {path})")
     for f in rep["findings"]:
         print(f"  [{f['level']}] {f['finding']}: {f['message']}")
     errors = [f for f in rep["findings"] if f["level"] == "error"]

@@ -199,9 +199,13 @@ def summarise(rows: list[dict], sources: list[str]) -> dict:
 
     The global λ is robust to a few broken tensors: if most tensors fit θ₀ + Σ λ_t τ_t exactly under
     the median per-tensor λ (a dense merge), the global and per-layer λ are refitted on those inliers
-    only, and the others are reported as not fitting.
+    only, and the others are reported as not fitting. Tensors with no finite entry say nothing about the
+    merge: they are listed under 'nonfinite' only. When NaN/Inf is all that departs from θ₀, λ is not
+    determined (None) and there are no per-layer fits.
     """
     T = len(sources)
+    nonfinite, n_checked = {r["name"]: r["nonfinite"] for r in rows if r["nonfinite"]}, len(rows)
+    rows = [r for r in rows if r["nonfinite"] < r["numel"]]
     big = [r for r in rows if r["numel"] >= MIN_SUBSET_NUMEL] or rows
     lam_med = np.median([r["lambda"] for r in big], axis=0) if rows else np.zeros(T)
     res_med = _global_residuals(big, lam_med)
@@ -225,14 +229,15 @@ def summarise(rows: list[dict], sources: list[str]) -> dict:
     voters = [r for r in rows if r["zero_entries"] >= 20]
     trimmed = [r for r in voters if min(r["trim_p_random"]) < 1e-3]
     delta2 = sum(r["dd"] for r in rows)
+    determined = delta2 > 0 or not nonfinite
     tau2 = [sum(r["tau_norms"][t] ** 2 for r in rows) for t in range(T)]
     sparse = [r for r in big if r["zero_entries"] > 0 and r["explained_fraction"] > 0.95]
     return {
         "tasks": sources, "dense_fit": dense,
-        "lambda_global": lam_g.tolist(), "residual_fraction_global": float(res_g),
+        "lambda_global": lam_g.tolist() if determined else None, "residual_fraction_global": float(res_g),
         "residual_fraction_all_tensors": float(res_all), "n_inlier_tensors": len(inl),
         "per_layer": {g: {"lambda": v["lambda"].tolist(), "residual_fraction": float(v["residual_fraction"])}
-                      for g, v in per_layer.items()},
+                      for g, v in per_layer.items()} if determined else {},
         "explained_fraction": explained, "explained_fraction_median": explained_median,
         "family": _majority([r["family"] for r in rows], numel),
         "zero_fraction": float(sum(r["zero_entries"] for r in rows) / max(numel.sum(), 1)),
@@ -244,11 +249,11 @@ def summarise(rows: list[dict], sources: list[str]) -> dict:
         "coef_cv": _cv([r["coef"] for r in sparse]),
         "coef_over_l1_cv": _cv([np.divide(r["coef"], r["l1_ratio"]) for r in sparse]),
         "delta_norm": float(np.sqrt(delta2)), "tau_norms": [float(np.sqrt(x)) for x in tau2],
-        "nonfinite": {r["name"]: r["nonfinite"] for r in rows if r["nonfinite"]},
+        "nonfinite": nonfinite,
         "changed_where_no_task_changed": {r["name"]: r["changed_where_no_task_changed"] for r in rows
                                           if r["changed_where_no_task_changed"]},
         "tensors": [{k: v for k, v in r.items() if k not in ("gram", "rhs", "dd")} for r in rows],
-        "n_tensors_checked": len(rows),
+        "n_tensors_checked": n_checked,
     }
 
 
@@ -268,7 +273,10 @@ def _cv(coefs) -> list[float] | None:
 
 
 def classify(rep: dict) -> str:
-    """'unchanged' | 'task_arithmetic' | 'ties' | 'dare_linear' | 'dare_ties' | 'sign_election' | 'unexplained'."""
+    """'undetermined' | 'unchanged' | 'task_arithmetic' | 'ties' | 'dare_linear' | 'dare_ties' | 'sign_election' |
+    'unexplained'."""
+    if rep["lambda_global"] is None:
+        return "undetermined"
     if rep["delta_norm"] == 0:
         return "unchanged"
     if rep["dense_fit"]:
@@ -296,10 +304,8 @@ def findings(rep: dict) -> list[dict]:
     def add(level, kind, message, tensors=()):
         out.append({"level": level, "finding": kind, "message": message, "tensors": list(tensors)})
 
-    tasks, lam = rep["tasks"], np.array(rep["lambda_global"])
     kind = classify(rep)
     rep["classification"] = kind
-    lam_txt = ", ".join(f"{x:.6g}" for x in lam)
     rows = rep["tensors"]
     if rep["missing_tensors"]:
         add("error", "missing_tensors", f"merged model lacks {len(rep['missing_tensors'])} base tensor(s): "
@@ -313,9 +319,16 @@ def findings(rep: dict) -> list[dict]:
     if rep["nonfinite"]:
         add("error", "nonfinite", f"NaN/Inf in {len(rep['nonfinite'])} merged tensor(s): "
             f"{_names(f'{k} ({v})' for k, v in rep['nonfinite'].items())}", rep["nonfinite"])
-    if rep["delta_norm"] == 0:
+    if kind == "undetermined":
+        what = ("the merged model's finite entries do not differ from the base; only its NaN/Inf entries do" if rows
+                else "every checked entry of the merged model is NaN/Inf")
+        add("info", "not_determined", f"method and λ not determined: {what}, so there is nothing to fit")
+        return out
+    if kind == "unchanged":
         add("error", "unchanged", "the merged model equals the base exactly in every checked tensor")
         return out
+    tasks, lam = rep["tasks"], np.array(rep["lambda_global"])
+    lam_txt = ", ".join(f"{x:.6g}" for x in lam)
     biggest_tau = max(rep["tau_norms"]) if rep["tau_norms"] else 0.0
     if kind == "unexplained":
         ratio = rep["delta_norm"] / max(biggest_tau, 1e-300)
