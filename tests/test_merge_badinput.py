@@ -1,5 +1,6 @@
 """`taskvec merge` / `check-merge` refuse bad inputs with one clear line and write nothing: NaN/Inf in a base
-or fine-tune, non-positive numeric options, a fine-tune listed twice, broken YAML; `check-merge --overwrite`."""
+or fine-tune, non-positive numeric options, a fine-tune listed twice, broken YAML, a fine-tune lacking or
+reshaping a base tensor; `check-merge --overwrite`; tensors a fine-tune holds beyond the base are named, not refused."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import edited, CORPUS, perturbed, save_hf, tiny_model, tiny_tokenizer
 
 from taskvec.cli import main
@@ -206,3 +208,56 @@ def test_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, capsys):
     for cfg, words in [(tmp_path, "is a folder"), (bad, "not UTF-8")]:
         assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
         one_line_error(capsys, words)
+
+
+HEAD = {"score.weight": (2, 32), "score.bias": (2,), "transformer.h.2.ln_1.weight": (32,),
+        "transformer.h.2.ln_1.bias": (32,), "transformer.h.2.mlp.c_fc.weight": (32, 128)}
+
+
+def test_tensors_beyond_the_base_are_named_not_refused(coll, tmp_path, capsys):
+    """A fine-tune with an added head and an extra layer is merged and checked over the base's tensors; its
+    extra tensors are named in one stderr line (first few + count) and recorded per fine-tune."""
+    root, base, fts, _, _, _ = coll
+
+    def add(sd):
+        sd.update({name: torch.ones(shape) for name, shape in HEAD.items()})
+
+    headft = edited(fts[1], tmp_path / "headft", add)
+    out = tmp_path / "m"
+    assert main(["merge", "--base", str(base), "--method", "task_arithmetic", str(fts[0]), str(headft),
+                 "--out", str(out), "--no-progress"]) == 0
+    err = one_line_error(capsys, f"warning: {headft} holds 5 tensor(s) the base lacks", "(+2 more)", "not merged",
+                         "extra_tensors_ignored")
+    assert sum(name in err for name in HEAD) == 3
+    rec = json.loads((out / "taskvec_merge.json").read_text())
+    assert {k: sorted(v) for k, v in rec["extra_tensors_ignored"].items()} == {str(headft): sorted(HEAD)}
+    assert not set(load_file(out / "model.safetensors")) & set(HEAD)
+    chk = tmp_path / "chk"
+    assert main(["check-merge", "--base", str(base), "--merged", str(out), str(fts[0]), str(headft),
+                 "--out", str(chk), "--no-progress"]) == 0
+    one_line_error(capsys, f"warning: {headft} holds 5 tensor(s) the base lacks", "not checked",
+                   "finetune_extra_tensors")
+    rep = json.loads((chk / "check.json").read_text())
+    assert {k: sorted(v) for k, v in rep["finetune_extra_tensors"].items()} == {str(headft): sorted(HEAD)}
+    assert rep["classification"] == "task_arithmetic" and rep["extra_tensors"] == []
+
+
+def test_finetune_missing_or_reshaping_a_base_tensor_is_one_line(coll, tmp_path, capsys):
+    root, base, fts, _, _, merged = coll
+
+    def drop(sd):
+        del sd[BIG]
+
+    def narrow(sd):
+        sd[BIG] = sd[BIG][:, :100].contiguous()
+
+    for edit, needles in [(drop, ["lacks tensor", f"'{BIG}'"]), (narrow, [f"'{BIG}'", "(32, 100)", "(32, 128)"])]:
+        bad = edited(fts[1], tmp_path / edit.__name__, edit)
+        out = tmp_path / f"m_{edit.__name__}"
+        assert main(["merge", "--base", str(base), "--method", "task_arithmetic", str(fts[0]), str(bad),
+                     "--out", str(out), "--no-progress"]) == 2 and nothing_written(out)
+        assert "more)" not in one_line_error(capsys, str(bad), *needles)
+        out = tmp_path / f"c_{edit.__name__}"
+        assert main(["check-merge", "--base", str(base), "--merged", str(merged), str(fts[0]), str(bad),
+                     "--out", str(out), "--no-progress"]) == 2 and nothing_written(out)
+        one_line_error(capsys, str(bad), *needles)

@@ -51,6 +51,7 @@ def _check_numbers(args) -> None:
 def run(args) -> int:
     from ..errors import TaskvecError
     from ..io import check_out_dir
+    from ..merge.base import warn_extra_tensors
     from ..merge.check import check_merge, write_check
 
     _check_numbers(args)
@@ -84,6 +85,7 @@ def run(args) -> int:
     path = write_check(rep, args.out,
                        extra=(lambda d: retention_figure(rep["retention"], d)) if "retention" in rep else None,
                        overwrite=args.overwrite, inputs=inputs)
+    warn_extra_tensors(rep["finetune_extra_tensors"], "not checked", "check.json under finetune_extra_tensors")
     lam = rep["lambda_global"]
     lam_txt = "λ not determined" if lam is None else f"λ = [{', '.join(f'{x:.6g}' for x in lam)}]"
     print(f"{rep['classification']}: {lam_txt}  ({rep['n_tensors_checked']} tensors; report {path})")

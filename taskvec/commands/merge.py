@@ -46,6 +46,7 @@ def run(args) -> int:
 
     from ..errors import TaskvecError
     from ..merge import MergeParams, merge_checkpoints
+    from ..merge.base import warn_extra_tensors
     from ..merge.mergekit_yaml import read_mergekit_config
 
     if args.config:
@@ -68,6 +69,8 @@ def run(args) -> int:
     out = merge_checkpoints(base, fts, method, params, args.out, out_dtype=out_dtype, scope=args.scope,
                             max_shard_size=args.max_shard_size, progress=not args.no_progress, extra_record=extra)
     rec = json.loads((Path(out) / "taskvec_merge.json").read_text())
+    warn_extra_tensors(rec["extra_tensors_ignored"], "not merged (the output holds the base's tensors only)",
+                       "taskvec_merge.json under extra_tensors_ignored")
     print(f"merged {len(fts)} model(s) with {rec['method']} into {out} "
           f"({rec['merged_tensors']} tensors merged, {len(rec['copied_from_base'])} copied, {rec['seconds']} s)")
     return 0

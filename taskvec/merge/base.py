@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -150,6 +151,24 @@ def refuse_same_content(base, finetunes: Sequence) -> None:
             raise TaskvecError(f"fine-tune {i + 1} ({ft.source}) has the same content as {seen[fp]}; list each "
                                f"distinct fine-tune once (a copy of the base has τ = 0)")
         seen[fp] = f"fine-tune {i + 1} ({ft.source})"
+
+
+def name_list(items, k: int = 5) -> str:
+    """The first `k` of `items`, comma-separated, and how many more there are."""
+    items = list(items)
+    return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
+
+
+def extra_tensors(finetunes: Sequence, alignments: Sequence) -> dict[str, list[str]]:
+    """Per fine-tune (by source), the tensors it holds beyond the base (an added head, extra layers), if any."""
+    return {ft.source: al.extra for ft, al in zip(finetunes, alignments) if al.extra}
+
+
+def warn_extra_tensors(extra: dict[str, list[str]], fate: str, listed: str) -> None:
+    """One stderr line per fine-tune of `extra_tensors`: what befell them (`fate`) and where they are `listed`."""
+    for src, names in extra.items():
+        print(f"warning: {src} holds {len(names)} tensor(s) the base lacks ({name_list(names, 3)}), {fate}: an "
+              f"added head or a different architecture? (all listed in {listed})", file=sys.stderr)
 
 
 def tensor_seed(seed: int, name: str, model_index: int) -> int:

@@ -21,7 +21,7 @@ from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json
 from ..scope import group_of, resolve_scope
 from . import signatures as sig
-from .base import refuse_duplicate_finetunes
+from .base import extra_tensors, name_list, refuse_duplicate_finetunes
 from .retention import predicted_retention  # noqa: F401  (re-exported hook)
 
 SUBSAMPLE = 1 << 18   # subset fit / ratio modes on at most this many (strided) entries per tensor
@@ -160,6 +160,7 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
         "base": base.source, "merged": merged.source, "finetunes": [ft.source for ft in fts], "scope": scope,
         "missing_tensors": [n for n in al_m.missing if n in in_scope],
         "extra_tensors": al_m.extra,
+        "finetune_extra_tensors": extra_tensors(fts, al_fts),
         "shape_mismatch": {k: [list(a), list(b)] for k, (a, b) in al_m.shape_mismatch.items()},
         "vocab_rows_added": {k: list(v) for k, v in al_m.added_rows.items()},
         "not_checked": {n: ("outside --scope" if n not in in_scope else "not comparable (missing or reshaped)")
@@ -292,11 +293,6 @@ def classify(rep: dict) -> str:
     return "sign_election" if elected else "unexplained"
 
 
-def _names(items, k=5) -> str:
-    items = list(items)
-    return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
-
-
 def findings(rep: dict) -> list[dict]:
     """One verdict line per finding, naming tensors (level: ok | info | warning | error)."""
     out = []
@@ -309,16 +305,16 @@ def findings(rep: dict) -> list[dict]:
     rows = rep["tensors"]
     if rep["missing_tensors"]:
         add("error", "missing_tensors", f"merged model lacks {len(rep['missing_tensors'])} base tensor(s): "
-            f"{_names(rep['missing_tensors'])}", rep["missing_tensors"])
+            f"{name_list(rep['missing_tensors'])}", rep["missing_tensors"])
     if rep["extra_tensors"]:
         add("warning", "extra_tensors", f"merged model has {len(rep['extra_tensors'])} tensor(s) the base lacks: "
-            f"{_names(rep['extra_tensors'])}", rep["extra_tensors"])
+            f"{name_list(rep['extra_tensors'])}", rep["extra_tensors"])
     if rep["shape_mismatch"] or rep["vocab_rows_added"]:
         bad = list(rep["shape_mismatch"]) + list(rep["vocab_rows_added"])
-        add("error", "shape_mismatch", f"tensor shapes differ from the base (not checked): {_names(bad)}", bad)
+        add("error", "shape_mismatch", f"tensor shapes differ from the base (not checked): {name_list(bad)}", bad)
     if rep["nonfinite"]:
         add("error", "nonfinite", f"NaN/Inf in {len(rep['nonfinite'])} merged tensor(s): "
-            f"{_names(f'{k} ({v})' for k, v in rep['nonfinite'].items())}", rep["nonfinite"])
+            f"{name_list(f'{k} ({v})' for k, v in rep['nonfinite'].items())}", rep["nonfinite"])
     if kind == "undetermined":
         what = ("the merged model's finite entries do not differ from the base; only its NaN/Inf entries do" if rows
                 else "every checked entry of the merged model is NaN/Inf")
@@ -347,7 +343,7 @@ def findings(rep: dict) -> list[dict]:
                 f"θ_m − θ₀ is not explained by Σ λ_t τ_t (residual fraction {rep['residual_fraction_global']:.3g}) "
                 f"nor by trimming/dropping of the given task vectors in {len(bad)} of {len(big)} tensors, yet it "
                 f"is only {ratio:.3g}× the largest ‖τ_t‖: a fine-tune missing from the list, other fine-tunes, "
-                f"or a different base model; tensors: {_names(bad)}", bad)
+                f"or a different base model; tensors: {name_list(bad)}", bad)
     elif kind == "task_arithmetic":
         add("ok", "task_arithmetic", f"θ_m = θ₀ + Σ λ_t τ_t to the merged dtype's round-off (residual fraction "
             f"{rep['residual_fraction_global']:.2e}); λ = [{lam_txt}]"
@@ -400,7 +396,7 @@ def findings(rep: dict) -> list[dict]:
     misfit = sorted((n for n, s in score.items() if s > cut), key=lambda n: -score[n])
     if misfit:
         add("error", "tensors_do_not_fit", f"{len(misfit)} tensor(s) do not fit the rest of the merge "
-            f"(misfit > {cut:.3g}): " + _names(f"{n} ({score[n]:.3g})" for n in misfit), misfit)
+            f"(misfit > {cut:.3g}): " + name_list(f"{n} ({score[n]:.3g})" for n in misfit), misfit)
     return out
 
 

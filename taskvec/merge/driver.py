@@ -25,7 +25,8 @@ from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
-from .base import MergeMethod, MergeParams, TensorContext, refuse_duplicate_finetunes, refuse_same_content
+from .base import (MergeMethod, MergeParams, TensorContext, extra_tensors, refuse_duplicate_finetunes,
+                   refuse_same_content)
 from .ties import GlobalMagnitudeThreshold
 from .writer import SafetensorsWriter
 
@@ -123,8 +124,9 @@ def _check_pairs(base: Checkpoint, fts: list[Checkpoint], scope_names: list[str]
         if not ft.is_delta:
             missing = [n for n in al.missing if n in in_scope]
             if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise TaskvecError(
-                    f"{ft.source} lacks tensor {missing[0]!r} (and {len(missing) - 1} more) that the base "
+                    f"{ft.source} lacks tensor {missing[0]!r}{more} that the base "
                     f"{base.source} has; pass the complete fine-tune, or restrict --scope to the tensors it has")
         alignments.append(al)
     return alignments
@@ -233,7 +235,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
             "n_tensors": len(names),
             "merged_tensors": len(merged_names),
             "copied_from_base": [n for n in names if n not in in_scope],
-            "extra_tensors_ignored": {ft.source: al.extra for ft, al in zip(fts, alignments) if al.extra},
+            "extra_tensors_ignored": extra_tensors(fts, alignments),
             "global_trim_thresholds": list(thresholds) if thresholds else None,
             "files_copied_from_base": copied,
             "shards": n_shards,
