@@ -195,6 +195,15 @@ def check_finite_weights(model: nn.Module, source: str) -> None:
                                f"or overflowed — re-export it")
 
 
+def _checked(loaded, source: str) -> nn.Module:
+    """The model of a `from_pretrained(..., output_loading_info=True)` result, once its loading info and
+    weights pass :func:`check_loading_info` and :func:`check_finite_weights`."""
+    model, info = loaded
+    check_loading_info(model, info, source)
+    check_finite_weights(model, source)
+    return model
+
+
 def load_model(source, *, kind: str = "auto", dtype: torch.dtype = torch.float32, device: str = "cpu",
                cache: bool = True) -> nn.Module:
     """Load a causal LM or an encoder body ready for kernels.
@@ -236,14 +245,12 @@ def load_model(source, *, kind: str = "auto", dtype: torch.dtype = torch.float32
                   ignore_mismatched_sizes=True)
     try:
         if kind == "causal-lm":
-            model, info = AutoModelForCausalLM.from_pretrained(source, **common)
+            loaded = AutoModelForCausalLM.from_pretrained(source, **common)
         else:
-            model, info = AutoModel.from_pretrained(source, **common, **_no_pooler_kwargs(config))
+            loaded = AutoModel.from_pretrained(source, **common, **_no_pooler_kwargs(config))
     except (OSError, ValueError) as exc:
         raise TaskvecError(f"{source}: cannot load as {kind} ({exc})") from exc
-    check_loading_info(model, info, source)
-    check_finite_weights(model, source)
-    return prepare_model(model.to(device))
+    return prepare_model(_checked(loaded, source).to(device))
 
 
 def _gguf_cache_folder(path: Path) -> Path:
@@ -251,23 +258,26 @@ def _gguf_cache_folder(path: Path) -> Path:
 
 
 def _load_gguf(path: Path, *, dtype, device, cache: bool) -> nn.Module:
-    """Dequantise a GGUF causal LM via transformers; cache it as a safetensors folder."""
+    """Dequantise a GGUF causal LM via transformers (with load_model's weight checks); cache it as a
+    safetensors folder."""
     from transformers import AutoModelForCausalLM
 
     if not path.is_file():
         raise TaskvecError(f"{path}: GGUF file not found")
+    common = dict(attn_implementation="eager", output_loading_info=True, ignore_mismatched_sizes=True)
     folder = _gguf_cache_folder(path) if cache else None
     if folder is not None and (folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+        model = _checked(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **common), str(path))
         return prepare_model(model.to(device))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                     attn_implementation="eager")
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                      **common)
     except ImportError as exc:
         raise TaskvecError(f"{path}: loading GGUF needs the `gguf` and `accelerate` packages "
                            f"(pip install 'taskvec[demo]')") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise TaskvecError(f"{path}: transformers cannot read this GGUF file ({exc})") from exc
+    model = _checked(loaded, str(path))
     # The dequantised weights are plain float tensors; drop the GGUF quantizer marker so that
     # save_pretrained writes an ordinary safetensors folder that reloads in a fraction of a second.
     model.hf_quantizer = None

@@ -107,6 +107,35 @@ def test_real_gguf_loads_and_caches(tmp_path, monkeypatch):
     assert load_tokenizer(gguf).pad_token is not None
 
 
+def test_tiny_gguf_loads_through_the_same_weight_checks(tmp_path, monkeypatch):
+    """A GGUF written from a tiny llama loads exactly (and is cached); NaN, missing and mis-shaped tensors are
+    refused like in a Hugging Face folder, and nothing broken is cached."""
+    pytest.importorskip("gguf")
+    from tiny import save_gguf
+
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    src, tok = tiny_model("llama", seed=2), tiny_tokenizer()
+    good = save_gguf(src, tmp_path / "good.gguf", tok)
+    for _ in ("dequantised", "from the cache"):
+        model = load_model(good)
+        assert all(torch.equal(p, q) for p, q in zip(src.state_dict().values(), model.state_dict().values()))
+    assert load_tokenizer(good)("hello world")["input_ids"] == tok("hello world")["input_ids"]
+    down = "model.layers.1.mlp.down_proj.weight"
+
+    def nan(sd):
+        sd["model.norm.weight"][0] = float("nan")
+
+    for name, edit, expected in (
+            ("nan", nan, "tensor 'model.norm.weight' contains 1 NaN/Inf values"),
+            ("missing", lambda sd: sd.pop(down), f"lacks 1 weight(s) the model needs ('{down}')"),
+            ("shape", lambda sd: sd.update({down: sd[down][:, :8].contiguous()}),
+             f"weight '{down}' has shape (32, 8) in the checkpoint but (32, 64)")):
+        with pytest.raises(TaskvecError) as err:
+            load_model(save_gguf(src, tmp_path / f"{name}.gguf", tok, edit=edit))
+        assert str(err.value).startswith(str(tmp_path / f"{name}.gguf")) and expected in str(err.value)
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "gguf").iterdir()] == ["good"]
+
+
 def _edit_weights(folder, edit):
     """Rewrite folder/model.safetensors through `edit(state dict) -> state dict` (a broken copy of a real model)."""
     from safetensors.torch import load_file, save_file

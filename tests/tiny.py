@@ -1,6 +1,6 @@
 """Tiny *real* transformers models and a real tokenizer, built from code in seconds (no hub).
 
-Shared by every test module: `tiny_model(arch)`, `tiny_tokenizer()`, `save_hf(model, dir)`.
+Shared by every test module: `tiny_model(arch)`, `tiny_tokenizer()`, `save_hf(model, dir)`, `save_gguf(llama, file, tok)`.
 """
 
 from __future__ import annotations
@@ -118,3 +118,50 @@ def edited(src: str | Path, dst: str | Path, edit) -> Path:
     edit(sd)
     save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+def _gguf_permute(w, n_head: int):
+    """llama.cpp's row order for q/k projections (transformers undoes it when reading GGUF)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def save_gguf(model, path: str | Path, tokenizer, edit=None) -> Path:
+    """Write a tiny llama `model` and its BPE `tokenizer` as an F32 GGUF file, the layout llama.cpp's converter
+    writes; `edit(state_dict)` first changes the tensors (a hand-broken GGUF). Needs the `gguf` package."""
+    import json
+
+    import gguf
+
+    cfg, path = model.config, Path(path)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in tokenizer.all_special_tokens else 1 for t in tokens])
+    w.add_token_merges([" ".join(m) for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    sd = {k: v.detach().float().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    if edit is not None:
+        edit(sd)
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    for name, tensor in sd.items():
+        n_head = next((h for proj, h in heads.items() if f".{proj}." in name), None)
+        array = tensor.numpy() if n_head is None else _gguf_permute(tensor.numpy(), n_head)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
