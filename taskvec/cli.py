@@ -5,14 +5,16 @@ touches no other file."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
 import signal
 import sys
+import warnings
 
 from . import __version__
-from .errors import TaskvecError
+from .errors import TaskvecError, TaskvecWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +57,24 @@ def _calm_progress_in_logs() -> None:
         os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """taskvec's own warnings as 'taskvec CMD: warning: …' on stderr (Python's default adds file and line)."""
+    show = warnings.showwarning
+
+    def show_taskvec(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TaskvecWarning):
+            print(f"taskvec {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_taskvec
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     _calm_progress_in_logs()
@@ -65,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     previous = _terminate_as_interrupt()
     try:
-        return int(args.func(args) or 0)
+        with _one_line_warnings(args.command):
+            return int(args.func(args) or 0)
     except TaskvecError as exc:
         print(f"taskvec {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ mask, which transformers passes through untouched) and plain training.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .errors import TaskvecError
+from .errors import TaskvecError, TaskvecWarning
 from .io import atomic_path
 
 OUTPUT_KINDS = ("logprob", "logprob-mean", "logits", "margin", "regression")
@@ -374,8 +375,8 @@ def make_output(kind: str, model: nn.Module, tokenizer, *, head: LinearHead | No
 
 
 def _label_token(tokenizer, word: str) -> int:
-    """The token whose logit stands for label `word` (its first token); refused if the tokenizer does not
-    know the word, since the unknown token's logit would stand for it."""
+    """The token whose logit stands for label `word` (its first token, with a warning when there are more);
+    refused if the tokenizer does not know the word, since the unknown token's logit would stand for it."""
     t = tokenizer(word, add_special_tokens=False)["input_ids"]
     if not t:
         raise TaskvecError(f"label word {word!r} tokenises to nothing; choose another word")
@@ -384,6 +385,11 @@ def _label_token(tokenizer, word: str) -> int:
         raise TaskvecError(f"label word {word!r} is not in the tokenizer's vocabulary (it maps to the unknown token "
                            f"{tokenizer.unk_token!r}); choose a word the tokenizer knows (check with "
                            f"tokenizer.tokenize)")
+    if len(t) > 1:
+        pieces = tokenizer.convert_ids_to_tokens(t)
+        warnings.warn(f"label word {word!r} is {len(t)} tokens {pieces}; the logit of its first token {pieces[0]!r} "
+                      f"stands for it (a word that is one token is exact; check with tokenizer.tokenize)",
+                      TaskvecWarning, stacklevel=2)
     return t[0]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import TaskvecError, TaskvecWarning
 from taskvec.models import load_model
 from taskvec.outputs import HEAD_FILE, EncoderRegressor, LinearHead, encode_prompt_target, make_output, mean_pool
 from tiny import tiny_model, tiny_tokenizer
@@ -141,6 +141,28 @@ def test_unknown_label_words_and_bad_max_length_are_refused():
     for bad in (0, -1):
         with pytest.raises(TaskvecError, match=f"--max-length must be a positive number of tokens \\(got {bad}\\)"):
             make_output("logprob", model, tok, max_length=bad)
+
+
+def test_a_label_word_of_several_tokens_warns_and_uses_its_first_token(capsys):
+    import warnings
+
+    from taskvec.cli import _one_line_warnings
+
+    model, tok = load_model(tiny_model("gpt2", seed=4)), tiny_tokenizer()
+    assert tok.tokenize(" dull") == ["dul", "l"] and tok.tokenize(" wonderful") == ["wonderful"]
+    with pytest.warns(TaskvecWarning, match=r"label word ' dull' is 2 tokens \['dul', 'l'\]; the logit of its "
+                                            r"first token 'dul' stands for it"):
+        f = make_output("margin", model, tok, label_words=[" dull", " wonderful"])
+    assert f.label_ids.tolist() == [tok.convert_tokens_to_ids("dul"), tok.convert_tokens_to_ids("wonderful")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one-token words: no warning at all
+        make_output("margin", model, tok, label_words=[" wonderful", " plus"])
+    # the CLI prints taskvec's warnings as one line, without Python's file:line prefix
+    with warnings.catch_warnings(), _one_line_warnings("ntk"):
+        warnings.simplefilter("always")
+        make_output("margin", model, tok, label_words=[" dull", " wonderful"])
+    err = capsys.readouterr().err
+    assert err.startswith("taskvec ntk: warning: label word ' dull' is 2 tokens") and "outputs.py" not in err
 
 
 def test_errors_name_file_and_line_when_the_examples_come_from_a_file():
