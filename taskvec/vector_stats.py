@@ -229,8 +229,8 @@ def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0,
     spectra_max_dim: singular values only for 2-D tensors with min(shape) ≤ this (0 = none; SVD is the
     one super-linear cost here). threads: torch threads while streaming (default 1: the work is
     memory-bound block arithmetic, and multi-threaded small kernels stall badly on a busy machine;
-    None keeps torch's setting); the spectra (GEMM/SVD-bound) use torch's full thread count when the
-    machine looks idle (1-minute load < half the cores), else one.
+    None keeps torch's setting); the spectra (GEMM/SVD-bound) use torch's full thread count when other
+    processes leave half the cores idle, else one.
     workers: threads that share the per-entry statistics (tasks for top-k, column ranges for the
     cross-task sums; default: torch's thread count, at most 8 — each holds ≈ (16·T + 28)·256 KiB).
     basic: only norms, relative norms and cosines (one Gram pass; no top-k, sign, mask or spectral
@@ -240,18 +240,40 @@ def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0,
     all_threads = torch.get_num_threads()
     with _num_threads(threads or all_threads):
         return _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n_singular, dtype,
-                                 progress, allow_network, not basic, _spectra_threads(all_threads),
+                                 progress, allow_network, not basic,
+                                 _spectra_threads(all_threads) if spectra_max_dim > 0 else 1,
                                  int(workers or min(8, all_threads)))
 
 
 def _spectra_threads(all_threads: int) -> int:
-    """torch's thread count when the machine looks idle, else 1: multi-threaded LAPACK/BLAS spin-waits
-    when the cores are busy (measured here: 1.6× faster with 2 threads idle, 3.5× slower under load)."""
+    """torch's thread count when other processes leave at least half the cores idle, else 1: multi-threaded
+    LAPACK/BLAS spin-waits when the cores are busy (measured here: 1.6× faster with 2 threads idle, 3.5×
+    slower under load)."""
+    busy = _busy_cores()
+    return all_threads if busy < 0.5 * (os.cpu_count() or 1) else 1
+
+
+def _busy_cores(window: float = 0.1) -> float:
+    """How many cores other processes keep busy: /proc/stat's busy time over `window` seconds while this
+    process sleeps (the 1-minute load average would count this process's own streaming work), else the
+    load average where /proc is missing."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform
-        return all_threads
-    return all_threads if load < 0.5 * (os.cpu_count() or 1) else 1
+        first = _cpu_jiffies()
+        time.sleep(window)
+        busy, total = (b - a for a, b in zip(first, _cpu_jiffies()))
+        return (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform
+            return 0.0
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of all cores from /proc/stat (idle and iowait count as not busy)."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(f) - f[3] - f[4], sum(f)
 
 
 @contextlib.contextmanager

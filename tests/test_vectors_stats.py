@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -367,3 +368,24 @@ def test_basic_streaming_matches_full_on_every_format(tmp_path):
     assert basic["added_rows"] == full["added_rows"] and basic["added_rows"]["grown"]
     for name, t in full["tensors"].items():
         assert basic["tensors"][name]["base_norm"] == pytest.approx(t["base_norm"], rel=1e-12)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat")
+def test_busy_cores_counts_other_processes_not_this_one():
+    """The spectra's thread choice: a spinning child process shows as ≈ 1 busy core; this process's own
+    past work (which the 1-minute load average would count) does not."""
+    import subprocess
+    import sys
+    import time
+
+    from taskvec.vector_stats import _busy_cores, _spectra_threads
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(0.3)
+        assert _busy_cores(0.5) >= 0.7
+        if (os.cpu_count() or 1) <= 2:
+            assert _spectra_threads(2) == 1
+    finally:
+        spin.kill()
+        spin.wait()
