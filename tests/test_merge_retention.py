@@ -277,3 +277,22 @@ def test_names_and_an_unlabeled_line_are_reported(coll, tmp_path, capsys):
     assert main(["check-merge", "--base", str(base), "--merged", str(merged), *map(str, fts), "--out",
                  str(tmp_path / "bad"), "--names", "only-one", "--no-progress"]) == 2
     assert "--names has 1 entries for 2 fine-tunes" in capsys.readouterr().err
+
+
+def test_a_merge_holding_nan_is_reported_not_refused_when_data_is_given(tmp_path, capsys):
+    """NaN in the merged weights: the tensor check is written (non-finite error) and retention is skipped
+    with a finding, rather than the whole run failing after the tensor pass and writing nothing."""
+    from tiny import edited
+
+    tok, base, fts, merged, data = _build(tmp_path, 1e-3, 2)
+    name = next(iter(_weights(merged)))
+
+    def poison(sd):
+        sd[name].view(-1)[0] = float("nan")
+
+    bad = edited(merged, tmp_path / "bad", poison)
+    rep, out = _check(tmp_path, base, fts, bad, data)
+    kinds = {f["finding"]: f for f in rep["findings"]}
+    assert list(rep["nonfinite"]) == [name] and kinds["nonfinite"]["level"] == "error"
+    assert "NaN/Inf in 1 tensor(s)" in kinds["retention_skipped"]["message"] and "retention" not in rep
+    assert "retention_skipped" in capsys.readouterr().out

@@ -74,7 +74,12 @@ def run(args) -> int:
         read_task_data(args.data, args.output)  # bad JSONL fails before the (long) tensor check
     rep = check_merge(args.base, args.merged, args.finetunes, scope=args.scope, progress=not args.no_progress,
                       names=names)
-    if args.data is not None:
+    if args.data is not None and rep["nonfinite"]:  # its outputs would be NaN: report the weights, skip the rest
+        rep["findings"] = rep["findings"] + [{
+            "level": "error", "finding": "retention_skipped",
+            "message": f"per-task retention not measured: the merged model holds NaN/Inf in {len(rep['nonfinite'])} "
+                       "tensor(s) (see 'nonfinite'), so its outputs are not numbers; redo the merge first"}]
+    elif args.data is not None:
         from ..merge.retention_data import retention_figure, retention_from_paths, verdicts
 
         rep["retention"] = retention_from_paths(
