@@ -305,6 +305,12 @@ def test_gram_singular_values_match_svd():
         got = _singular_values(m, exact_max_numel=0)
         np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * ref[0])
         assert effective_rank(got) == pytest.approx(effective_rank(ref), rel=1e-9)
+        # the workspace may live in a free float32 buffer (θ₀'s): same values, and only its front is used
+        work = torch.full((m.numel() * 3,), 7.0)
+        for limit in (0, None):
+            np.testing.assert_array_equal(_singular_values(m, exact_max_numel=limit, work=work),
+                                          _singular_values(m, exact_max_numel=limit))
+        assert (work[-10:] == 7.0).all()
     low = torch.randn(200, 3, generator=g) @ torch.randn(3, 500, generator=g)  # rank 3
     got = _singular_values(low, exact_max_numel=0)
     ref = np.linalg.svd(low.double().numpy(), compute_uv=False)
