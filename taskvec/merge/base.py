@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field, replace
@@ -11,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..checkpoints import Checkpoint, align
 from ..errors import TaskvecError
 
 RESCALES = {
@@ -151,6 +153,37 @@ def refuse_same_content(base, finetunes: Sequence) -> None:
             raise TaskvecError(f"fine-tune {i + 1} ({ft.source}) has the same content as {seen[fp]}; list each "
                                f"distinct fine-tune once (a copy of the base has τ = 0)")
         seen[fp] = f"fine-tune {i + 1} ({ft.source})"
+
+
+_VOCAB_RE = re.compile(r"(^|\.)(wte|word_embeddings|embed_tokens|embed_in|tok_embeddings|shared|lm_head|embed_out|"
+                       r"output)\.weight$")
+
+
+def align_finetunes(base: Checkpoint, fts: Sequence[Checkpoint], scope_names: Sequence[str], verb: str) -> list:
+    """Alignment of each fine-tune to the base; one clear error for whatever leaves an in-scope tensor
+    without a partner (other vocabulary size, other shape, missing). `verb` ('Merge', 'Check') starts the
+    advice."""
+    in_scope = set(scope_names)
+    alignments = []
+    for ft in fts:
+        al = align(base, ft)
+        vocab = {n: rows for n, rows in al.added_rows.items() if n in in_scope}
+        vocab.update({n: (tuple(bs), tuple(os_)) for n, (bs, os_) in al.shape_mismatch.items()
+                      if n in in_scope and _VOCAB_RE.search(n)})
+        if vocab:
+            name, (b_rows, f_rows) = next(iter(vocab.items()))
+            raise TaskvecError(
+                f"{ft.source}: tensor {name!r} has {f_rows} {'vocabulary rows' if isinstance(f_rows, int) else 'shape'} "
+                f"but the base {base.source} has {b_rows}; the models have different vocabulary sizes. {verb} with "
+                "--scope body (vocabulary matrices left out) or resize the embeddings to the base vocabulary first")
+        al.check(in_scope)
+        missing = [n for n in al.missing if n in in_scope]
+        if missing and not ft.is_delta:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise TaskvecError(f"{ft.source} lacks tensor {missing[0]!r}{more} that the base {base.source} has; "
+                               "pass the complete fine-tune, or restrict --scope to the tensors it has")
+        alignments.append(al)
+    return alignments
 
 
 def name_list(items, k: int = 5) -> str:

@@ -21,7 +21,7 @@ from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json
 from ..scope import group_of, resolve_scope
 from . import signatures as sig
-from .base import extra_tensors, name_list, refuse_duplicate_finetunes
+from .base import align_finetunes, extra_tensors, name_list, refuse_duplicate_finetunes
 from .retention import predicted_retention  # noqa: F401  (re-exported hook)
 
 SUBSAMPLE = 1 << 18   # subset fit / ratio modes on at most this many (strided) entries per tensor
@@ -111,21 +111,12 @@ def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progre
     if not fts:
         raise TaskvecError("check-merge needs the fine-tuned models the merge was made from")
     al_m = align(base, merged)
-    al_fts = [align(base, ft) for ft in fts]
     floats = [n for n in base.keys() if n not in align(base, base).excluded]  # buffers / integer tensors out
     names = resolve_scope(floats, scope)
-    in_scope = set(names)
     if merged.is_delta:
         raise TaskvecError(f"{merged.source} is a LoRA adapter; check the merged full model (merge_and_unload)")
-    for ft, al in zip(fts, al_fts):
-        al.check(names)
-        grown = [n for n in al.added_rows if n in in_scope]
-        if grown:
-            raise TaskvecError(f"{ft.source}: tensor {grown[0]!r} has a different vocabulary size from the base "
-                               f"{base.source}; check with --scope body (vocabulary matrices left out)")
-        missing = [n for n in al.missing if n in in_scope]
-        if missing and not ft.is_delta:
-            raise TaskvecError(f"{ft.source} lacks tensor {missing[0]!r} of the base; restrict --scope")
+    in_scope = set(names)
+    al_fts = align_finetunes(base, fts, names, "Check")
     comparable = [n for n in names if n in al_m.pairs and n not in al_m.added_rows]
     rows, deferred = [], []
     for name in tqdm(comparable, desc="check-merge", unit="tensor", disable=not progress):

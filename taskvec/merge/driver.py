@@ -25,7 +25,8 @@ from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
-from .base import (MergeMethod, MergeParams, TensorContext, extra_tensors, refuse_duplicate_finetunes,
+from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, extra_tensors,
+                   refuse_duplicate_finetunes,
                    refuse_same_content)
 from .ties import GlobalMagnitudeThreshold
 from .writer import SafetensorsWriter
@@ -37,8 +38,6 @@ COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
               "chat_template.json", "taskvec_head.safetensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_VOCAB_RE = re.compile(r"(^|\.)(wte|word_embeddings|embed_tokens|embed_in|tok_embeddings|shared|lm_head|embed_out|"
-                       r"output)\.weight$")
 
 
 def parse_size(size: int | str) -> int:
@@ -100,38 +99,6 @@ def _plan(base: Checkpoint, names: list[str], out_dtypes: dict[str, torch.dtype]
     return shards
 
 
-def _check_pairs(base: Checkpoint, fts: list[Checkpoint], scope_names: list[str]):
-    """Alignment of each fine-tune; errors for whatever would make an in-scope tensor unmergeable."""
-    in_scope = set(scope_names)
-    alignments = []
-    for ft in fts:
-        al = align(base, ft)
-        for name, (brows, orows) in al.added_rows.items():
-            if name in in_scope:
-                raise TaskvecError(
-                    f"{ft.source}: tensor {name!r} has {orows} vocabulary rows but the base {base.source} has "
-                    f"{brows}; the models have different vocabulary sizes. Merge with --scope body (embeddings "
-                    "and head copied from the base) or resize the embeddings to the base vocabulary first")
-        bad = {n: s for n, s in al.shape_mismatch.items() if n in in_scope}
-        vocab = [n for n in bad if _VOCAB_RE.search(n)]
-        if vocab:
-            (bs, os_) = bad[vocab[0]]
-            raise TaskvecError(
-                f"{ft.source}: tensor {vocab[0]!r} has shape {tuple(os_)} but the base {base.source} has "
-                f"{tuple(bs)}; the models have different vocabulary sizes. Merge with --scope body or resize "
-                "the embeddings to the base vocabulary first")
-        al.check(in_scope)
-        if not ft.is_delta:
-            missing = [n for n in al.missing if n in in_scope]
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise TaskvecError(
-                    f"{ft.source} lacks tensor {missing[0]!r}{more} that the base "
-                    f"{base.source} has; pass the complete fine-tune, or restrict --scope to the tensors it has")
-        alignments.append(al)
-    return alignments
-
-
 def _read_ft(base_t: torch.Tensor, ft: Checkpoint, al, name: str) -> torch.Tensor:
     """θ_t for tensor `name` in float32 (a LoRA adapter gives θ₀ + ΔW; an unadapted tensor gives θ₀).
     NaN/Inf is refused here, as it is read, so no merged tensor is ever computed from it."""
@@ -182,7 +149,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
     excluded = align(base, base).excluded  # buffers and integer tensors: copied, never merged
     floats = [n for n in names if n not in excluded]
     merged_names = resolve_scope(floats, scope)
-    alignments = _check_pairs(base, fts, merged_names)
+    alignments = align_finetunes(base, fts, merged_names, "Merge")
     in_scope = set(merged_names)
     out_dtypes = {n: (DTYPES[out_dtype] if out_dtype and base.dtype(n).is_floating_point else base.dtype(n))
                   for n in names}
