@@ -168,22 +168,26 @@ def check_loading_info(model: nn.Module, info: dict, source: str) -> None:
     buffers = {n for n, _ in model.named_buffers()}
     params = dict(model.named_parameters(remove_duplicate=False))
     real = sorted(k for k in missing if not _is_tied_or_buffer(k, buffers, params, missing))
+    gguf = _is_gguf(source)
+    cfg = "the GGUF file's metadata" if gguf else "config.json"
+    fix = "re-export the GGUF file from the complete model" if gguf else "fix config.json or re-save the model"
     if real:
         raise TaskvecError(f"{source}: the checkpoint lacks {len(real)} weight(s) the model needs "
-                           f"({_describe_keys(real)}); transformers would initialise them randomly — re-save the "
-                           f"complete model with save_pretrained, or check --kind and config.json")
+                           f"({_describe_keys(real)}); transformers would initialise them randomly — " +
+                           ("re-export the GGUF file from the complete model" if gguf else
+                            "re-save the complete model with save_pretrained, or check --kind and config.json"))
     mism = [tuple(m) for m in info.get("mismatched_keys") or ()]
     if mism:
         name, shape_ckpt, shape_model = (list(mism[0]) + [None, None])[:3]
         more = f" (and {len(mism) - 1} more)" if len(mism) > 1 else ""
         raise TaskvecError(f"{source}: weight {name!r} has shape {tuple(shape_ckpt or ())} in the checkpoint but "
-                           f"{tuple(shape_model or ())} in the model built from config.json{more}; config.json "
-                           f"and the weights disagree — fix config.json or re-save the model")
+                           f"{tuple(shape_model or ())} in the model built from {cfg}{more}; {cfg} "
+                           f"and the weights disagree — {fix}")
     extra = sorted(k for k in info.get("unexpected_keys") or () if not _is_foreign(model, k, buffers))
     if extra:
-        raise TaskvecError(f"{source}: the checkpoint holds {len(extra)} weight(s) the model built from config.json "
-                           f"has no place for ({_describe_keys(extra)}); config.json and the weights disagree "
-                           f"(e.g. the layer count) — fix config.json or re-save the model")
+        raise TaskvecError(f"{source}: the checkpoint holds {len(extra)} weight(s) the model built from {cfg} "
+                           f"has no place for ({_describe_keys(extra)}); {cfg} and the weights disagree "
+                           f"(e.g. the layer count) — {fix}")
 
 
 def check_finite_weights(model: nn.Module, source: str) -> None:

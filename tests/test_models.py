@@ -133,6 +133,7 @@ def test_tiny_gguf_loads_through_the_same_weight_checks(tmp_path, monkeypatch):
         with pytest.raises(TaskvecError) as err:
             load_model(save_gguf(src, tmp_path / f"{name}.gguf", tok, edit=edit))
         assert str(err.value).startswith(str(tmp_path / f"{name}.gguf")) and expected in str(err.value)
+        assert "config.json" not in str(err.value) and "save_pretrained" not in str(err.value)  # GGUF advice
     assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "gguf").iterdir()] == ["good"]
 
 
