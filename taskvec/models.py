@@ -174,8 +174,8 @@ def check_loading_info(model: nn.Module, info: dict, source: str) -> None:
     if real:
         raise TaskvecError(f"{source}: the checkpoint lacks {len(real)} weight(s) the model needs "
                            f"({_describe_keys(real)}); transformers would initialise them randomly — " +
-                           ("re-export the GGUF file from the complete model" if gguf else
-                            "re-save the complete model with save_pretrained, or check --kind and config.json"))
+                           (fix if gguf else "re-save the complete model with save_pretrained, or check --kind and "
+                                             "config.json"))
     mism = [tuple(m) for m in info.get("mismatched_keys") or ()]
     if mism:
         name, shape_ckpt, shape_model = (list(mism[0]) + [None, None])[:3]
