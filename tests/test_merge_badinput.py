@@ -216,7 +216,8 @@ HEAD = {"score.weight": (2, 32), "score.bias": (2,), "transformer.h.2.ln_1.weigh
 
 def test_tensors_beyond_the_base_are_named_not_refused(coll, tmp_path, capsys):
     """A fine-tune with an added head and an extra layer is merged and checked over the base's tensors; its
-    extra tensors are named in one stderr line (first few + count) and recorded per fine-tune."""
+    extra tensors are named in one TaskvecWarning (the CLI's 'taskvec CMD: warning:' line; first few + count)
+    and recorded per fine-tune."""
     root, base, fts, _, _, _ = coll
 
     def add(sd):
@@ -226,8 +227,8 @@ def test_tensors_beyond_the_base_are_named_not_refused(coll, tmp_path, capsys):
     out = tmp_path / "m"
     assert main(["merge", "--base", str(base), "--method", "task_arithmetic", str(fts[0]), str(headft),
                  "--out", str(out), "--no-progress"]) == 0
-    err = one_line_error(capsys, f"warning: {headft} holds 5 tensor(s) the base lacks", "(+2 more)", "not merged",
-                         "extra_tensors_ignored")
+    err = one_line_error(capsys, f"taskvec merge: warning: {headft} holds 5 tensor(s) the base lacks", "(+2 more)",
+                         "not merged", "extra_tensors_ignored")
     assert sum(name in err for name in HEAD) == 3
     rec = json.loads((out / "taskvec_merge.json").read_text())
     assert {k: sorted(v) for k, v in rec["extra_tensors_ignored"].items()} == {str(headft): sorted(HEAD)}
@@ -235,7 +236,7 @@ def test_tensors_beyond_the_base_are_named_not_refused(coll, tmp_path, capsys):
     chk = tmp_path / "chk"
     assert main(["check-merge", "--base", str(base), "--merged", str(out), str(fts[0]), str(headft),
                  "--out", str(chk), "--no-progress"]) == 0
-    one_line_error(capsys, f"warning: {headft} holds 5 tensor(s) the base lacks", "not checked",
+    one_line_error(capsys, f"taskvec check-merge: warning: {headft} holds 5 tensor(s) the base lacks", "not checked",
                    "finetune_extra_tensors")
     rep = json.loads((chk / "check.json").read_text())
     assert {k: sorted(v) for k, v in rep["finetune_extra_tensors"].items()} == {str(headft): sorted(HEAD)}

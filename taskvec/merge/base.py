@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import sys
+import warnings
 from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..checkpoints import Checkpoint, align
-from ..errors import TaskvecError
+from ..errors import TaskvecError, TaskvecWarning
 
 RESCALES = {
     "l1": "mergekit: kept entries scaled so the tensor's L1 norm is preserved",
@@ -198,10 +198,10 @@ def extra_tensors(finetunes: Sequence, alignments: Sequence) -> dict[str, list[s
 
 
 def warn_extra_tensors(extra: dict[str, list[str]], fate: str, listed: str) -> None:
-    """One stderr line per fine-tune of `extra_tensors`: what befell them (`fate`) and where they are `listed`."""
+    """One TaskvecWarning per fine-tune of `extra_tensors`: what befell them (`fate`) and where they are `listed`."""
     for src, names in extra.items():
-        print(f"warning: {src} holds {len(names)} tensor(s) the base lacks ({name_list(names, 3)}), {fate}: an "
-              f"added head or a different architecture? (all listed in {listed})", file=sys.stderr)
+        warnings.warn(f"{src} holds {len(names)} tensor(s) the base lacks ({name_list(names, 3)}), {fate}: an "
+                      f"added head or a different architecture? (all listed in {listed})", TaskvecWarning, stacklevel=2)
 
 
 def tensor_seed(seed: int, name: str, model_index: int) -> int:
