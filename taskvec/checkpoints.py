@@ -758,9 +758,13 @@ def _open_hub(repo_id: str, allow_network: bool) -> Checkpoint:
     except Exception:
         folder = None
     if folder is None or not any(Path(folder).glob("*.safetensors")):
-        if not allow_network or os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise TaskvecError(f"{repo_id}: not a local path and not in the local Hugging Face cache; pass a local "
-                               "folder, or allow downloads (--allow-network / allow_network=True, HF_HUB_OFFLINE unset)")
+        where = f"{repo_id}: not a local path and not in the local Hugging Face cache"
+        if not allow_network:
+            raise TaskvecError(f"{where}; pass a local folder, or download it into the cache first "
+                               f"(`hf download {repo_id}`)")
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise TaskvecError(f"{where}, and HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE or pass "
+                               "a local folder")
         try:
             folder = snapshot_download(repo_id, allow_patterns=patterns)
         except Exception as exc:

@@ -151,6 +151,22 @@ def test_empty_folder_and_missing_path(tmp_path):
         open_checkpoint("nobody-has/this-model-xyz")
 
 
+def test_missing_hub_id_advice_fits_every_command(tmp_path, monkeypatch, capsys):
+    """The advice names no flag (only some commands have --allow-network): `hf download` works for all."""
+    from taskvec.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TaskvecError, match=r"download it into the cache first \(`hf download org/nonexist`\)$"):
+        open_checkpoint("org/nonexist")
+    with pytest.raises(TaskvecError, match="HF_HUB_OFFLINE=1 forbids downloading it"):
+        open_checkpoint("org/nonexist", allow_network=True)
+    ft = save_hf(tiny_model("gpt2"), tmp_path / "ft")
+    rc = main(["merge", "--base", "org/nonexist", str(ft), "--method", "linear", "--out", str(tmp_path / "m"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "hf download org/nonexist" in err and "allow" not in err
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))
