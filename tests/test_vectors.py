@@ -149,3 +149,23 @@ def test_vectors_command_does_not_import_transformers(coll, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert "LOADED False 0" in out
     assert json.loads((tmp_path / "v" / "vectors.json").read_text())["tasks"] == ["ft0", "ft1"]
+
+
+def test_vectors_command_top_k_given_twice_counts_once(tmp_path, capsys):
+    import json
+
+    from taskvec.cli import main
+    from tiny import perturbed
+
+    base = tiny_model("gpt2")
+    save_hf(base, tmp_path / "base")
+    save_hf(perturbed(base, seed=1), tmp_path / "ft")
+    rc = main(["vectors", str(tmp_path / "base"), str(tmp_path / "ft"), "--top-k", "1,10,1.0", "--no-figures",
+               "--no-progress", "--spectra-max-dim", "0", "--out", str(tmp_path / "v")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert json.loads((tmp_path / "v" / "vectors.json").read_text())["config"]["top_k_percent"] == [1.0, 10.0]
+    header = next(line for line in out.splitlines() if line.startswith("task"))
+    row = next(line for line in out.splitlines() if line.startswith("ft "))
+    assert header.split()[-2:] == ["top1%", "top10%"] and header.count("top1%") == 1
+    assert len(row.split()) == len(header.split())

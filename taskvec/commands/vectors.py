@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _percentages(text: str) -> list[float]:
+    """Comma-separated numbers, each kept once in the order given (1,10,1 → [1, 10])."""
+    return list(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
 
 
 def add_parser(subparsers) -> None:
@@ -47,7 +48,7 @@ def run(args) -> int:
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     try:
-        ks = _floats(args.top_k)
+        ks = _percentages(args.top_k)
     except ValueError:
         raise TaskvecError(f"--top-k {args.top_k!r}: give comma-separated percentages, e.g. 1,10") from None
     if args.spectra_max_dim < 0:
