@@ -306,16 +306,23 @@ def _load_gguf(path: Path, *, dtype, device, cache: bool) -> nn.Module:
     return prepare_model(model.to(device=device, dtype=dtype))
 
 
-# files that hold a tokenizer's vocabulary (tokenizer.json / tokenizer_config.json / tokenizer.model, vocab.json /
-# vocab.txt, merges.txt, sentencepiece *.model, tiktoken files)
-TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken")
+# files that hold a tokenizer's vocabulary (tokenizer.json, vocab.json / vocab.txt, merges.txt, sentencepiece
+# *.model, tiktoken files); with tokenizer_config.json, the files a tokenizer folder holds
+VOCAB_FILES = ("tokenizer.json", "vocab*", "merges.txt", "*.model", "*.tiktoken")
+TOKENIZER_FILES = ("tokenizer_config.json", *VOCAB_FILES)
+# tokenizer files that are plain JSON (tokenizer.json is checked by parsing it with `tokenizers`)
+_JSON_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
 _COPY_TOKENIZER = ("copy the base model's tokenizer files into it, or save them there with "
                    "tokenizer.save_pretrained")
 
 
+def _has_any(folder: Path, patterns) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in patterns)
+
+
 def _check_tokenizer_files(folder: Path) -> None:
     """Refuse a model folder without tokenizer files: transformers would quietly build an empty default one."""
-    if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+    if not _has_any(folder, TOKENIZER_FILES):
         raise TaskvecError(f"{folder}: no tokenizer files in this model folder (tokenizer.json, tokenizer_config.json, "
                            f"vocab.*, merges.txt, *.model); {_COPY_TOKENIZER}")
 
@@ -328,28 +335,69 @@ def _check_tokenizer_not_empty(tok, source: str) -> None:
                            f"special ones); {_COPY_TOKENIZER}")
 
 
-def load_tokenizer(source):
-    """The tokenizer beside a model folder / GGUF file / hub id, with a pad token (EOS if none).
-    A folder without tokenizer files and an empty tokenizer are refused."""
+def _first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message, without a trailing colon (its type name if blank)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0].rstrip(":").strip() if lines else type(exc).__name__
+
+
+def _broken_tokenizer_file(folder: Path) -> tuple[Path, str] | None:
+    """The first tokenizer file in `folder` that does not parse, with the parser's reason; None if all do."""
+    from tokenizers import Tokenizer
+
+    readers = {"tokenizer.json": lambda path: Tokenizer.from_file(str(path))}
+    readers.update((name, lambda path: json.loads(path.read_text(encoding="utf-8"))) for name in _JSON_TOKENIZER_FILES)
+    for name, read in readers.items():
+        path = folder / name
+        if path.is_file():
+            try:
+                read(path)
+            except Exception as exc:  # tokenizers raises bare Exception; json / decoding raise ValueError
+                return path, _first_line(exc)
+    return None
+
+
+def _tokenizer_error(source: str, exc: BaseException) -> TaskvecError:
+    """One line for a tokenizer that does not load: the broken file, the missing vocabulary, or the first line of
+    transformers' reason."""
+    folder = Path(source)
+    if folder.is_dir():
+        broken = _broken_tokenizer_file(folder)
+        if broken is not None:
+            return TaskvecError(f"{broken[0]}: the tokenizer file is broken or incomplete ({broken[1]}); "
+                                f"{_COPY_TOKENIZER}")
+        if not _has_any(folder, VOCAB_FILES):
+            return TaskvecError(f"{source}: tokenizer_config.json but no vocabulary file (tokenizer.json, vocab.*, "
+                                f"merges.txt, *.model or *.tiktoken); {_COPY_TOKENIZER}")
+    return TaskvecError(f"{source}: cannot load a tokenizer ({_first_line(exc)}); save one beside the model "
+                        f"(tokenizer.save_pretrained)")
+
+
+def _auto_tokenizer(source: str):
+    """AutoTokenizer for a model folder, hub id or GGUF file (the GGUF's cached folder if it has a tokenizer)."""
     from transformers import AutoTokenizer
 
+    if not _is_gguf(source):
+        return AutoTokenizer.from_pretrained(source)
+    path = Path(source)
+    folder = _gguf_cache_folder(path)
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def load_tokenizer(source):
+    """The tokenizer beside a model folder / GGUF file / hub id, with a pad token (EOS if none).
+    A folder without tokenizer files, a broken and an empty tokenizer are refused in one line."""
     source = str(source)
+    if not _is_gguf(source):
+        _check_local_files(source)
+        if os.path.isdir(source):
+            _check_tokenizer_files(Path(source))
     try:
-        if _is_gguf(source):
-            path = Path(source)
-            folder = _gguf_cache_folder(path)
-            if (folder / "tokenizer_config.json").is_file():
-                tok = AutoTokenizer.from_pretrained(folder)
-            else:
-                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        else:
-            _check_local_files(source)
-            if os.path.isdir(source):
-                _check_tokenizer_files(Path(source))
-            tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
-        raise TaskvecError(f"{source}: cannot load a tokenizer ({exc}); save one beside the model "
-                           f"(tokenizer.save_pretrained)") from exc
+        tok = _auto_tokenizer(source)
+    except Exception as exc:  # transformers / tokenizers raise many types (and bare Exception) for bad files
+        raise _tokenizer_error(source, exc) from exc
     _check_tokenizer_not_empty(tok, source)
     if tok.pad_token is None:
         if tok.eos_token is None:

