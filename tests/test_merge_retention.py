@@ -296,3 +296,50 @@ def test_a_merge_holding_nan_is_reported_not_refused_when_data_is_given(tmp_path
     assert list(rep["nonfinite"]) == [name] and kinds["nonfinite"]["level"] == "error"
     assert "NaN/Inf in 1 tensor(s)" in kinds["retention_skipped"]["message"] and "retention" not in rep
     assert "retention_skipped" in capsys.readouterr().out
+
+
+def test_causal_lm_margin_and_logits_with_label_words(tmp_path, capsys):
+    """check-merge --output margin --label-words on a tiny GPT-2 (one-token words ' the', ' was'): the measured
+    change is a float64 forward pass's z_was − z_the at the last prompt token, merged minus base; fine-tunes
+    1% away from θ₀ are predicted closely; labels given as label words give an accuracy. logits: both words."""
+    from transformers import GPT2LMHeadModel
+
+    tok, words = tiny_tokenizer(), [" the", " was"]
+    ids = [tok.convert_tokens_to_ids(w.strip()) for w in words]
+    base = tiny_model("gpt2", seed=0)
+    save_hf(base, tmp_path / "base", tok)
+    fts = [save_hf(perturbed(base, scale=2e-4, seed=70 + t), tmp_path / f"ft{t}") for t in range(2)]
+    assert main(["merge", "--base", str(tmp_path / "base"), "--method", "task_arithmetic", *map(str, fts),
+                 "--weight", "0.6", "0.9", "--out", str(tmp_path / "merged"), "--no-progress"]) == 0
+    rows = [[{"text": " ".join(CORPUS[(3 * t + i) % 8].split()[:4]), "label": words[i % 2]} for i in range(4)]
+            for t in range(2)]
+    data = [_jsonl(tmp_path / f"d{t}.jsonl", r) for t, r in enumerate(rows)]
+
+    def label_logits(folder, texts):
+        model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").double().eval()
+        with torch.no_grad():
+            return np.array([model(torch.tensor([tok(x)["input_ids"]])).logits[0, -1, ids].numpy() for x in texts])
+
+    common = ["check-merge", "--base", str(tmp_path / "base"), "--merged", str(tmp_path / "merged"), *map(str, fts),
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "c"), "--data", *map(str, data), "--output", "margin",
+                 "--label-words", " the, was"]) == 0
+    assert "retention: ft0: retention predicted" in capsys.readouterr().out
+    ret = json.loads((tmp_path / "c" / "check.json").read_text())["retention"]
+    assert ret["output"]["label_words"] == words and ret["output"]["m"] == 1
+    for t, r in enumerate(ret["tasks"].values()):
+        texts = [ex["text"] for ex in rows[t]]
+        z0, zm = label_logits(tmp_path / "base", texts), label_logits(tmp_path / "merged", texts)
+        want = (zm[:, 1] - zm[:, 0] - (z0[:, 1] - z0[:, 0]))[:, None]
+        assert _rel(r["measured_change"], want) <= 1e-3
+        assert r["relative_error"] <= 2e-2 and r["cosine"] > 0.999
+        labels = np.array([words.index(ex["label"]) for ex in rows[t]])
+        assert r["metric"]["name"] == "accuracy"
+        assert r["metric"]["base"] == pytest.approx(np.mean((z0[:, 1] > z0[:, 0]) == (labels == 1)))
+    ret = retention_from_paths(tmp_path / "base", tmp_path / "merged", fts, data, [0.6, 0.9], output="logits",
+                               label_words=words, progress=False)
+    r = ret["tasks"]["ft1"]
+    z0, zm = (label_logits(tmp_path / f, [ex["text"] for ex in rows[1]]) for f in ("base", "merged"))
+    assert np.shape(r["predicted_change"]) == (4, 2) and _rel(r["measured_change"], zm - z0) <= 1e-3
+    assert main([*common, "--out", str(tmp_path / "e"), "--label-words", " the, was"]) == 2
+    assert "--label-words" in capsys.readouterr().err and not (tmp_path / "e").exists()

@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
                         "τ_t and θ_m − θ₀ are taken over --scope (default all: the merged model itself)")
     g.add_argument("--output", default=None, choices=OUTPUT_KINDS,
                    help="output function f(x; θ) (required with --data)")
+    g.add_argument("--label-words", default=None,
+                   help="comma-separated label words for logits/margin on a causal LM (e.g. ' no, yes')")
     g.add_argument("--head", default=None, help="taskvec_head.safetensors (or its folder) for every task (default: "
                                                "the one beside each fine-tune, else beside the base)")
     g.add_argument("--max-length", type=int, default=None, help="reject longer examples (default: model context)")
@@ -66,8 +68,9 @@ def run(args) -> int:
     if args.data is not None and len(args.data) != len(args.finetunes):
         raise TaskvecError(f"--data gives {len(args.data)} JSONL file(s) but there are {len(args.finetunes)} "
                            "fine-tunes; give one evaluation set per fine-tune, in the same order")
-    if args.data is None and (args.output or args.head or args.max_length):
-        raise TaskvecError("--output/--head/--max-length only apply with --data (one JSONL per fine-tune)")
+    if args.data is None and (args.output or args.head or args.label_words or args.max_length):
+        raise TaskvecError("--output/--head/--label-words/--max-length only apply with --data (one JSONL per "
+                           "fine-tune)")
     if args.data is not None:
         from ..merge.retention_data import read_task_data
 
@@ -84,7 +87,8 @@ def run(args) -> int:
 
         rep["retention"] = retention_from_paths(
             args.base, args.merged, args.finetunes, args.data, rep["lambda_global"], output=args.output,
-            head=args.head, max_length=args.max_length, scope=args.scope, batch_size=args.batch_size,
+            head=args.head, label_words=args.label_words.split(",") if args.label_words else None,
+            max_length=args.max_length, scope=args.scope, batch_size=args.batch_size,
             progress=not args.no_progress, names=names)
         rep["findings"] = rep["findings"] + verdicts(rep["retention"])
     path = write_check(rep, args.out,

@@ -161,13 +161,15 @@ def merge_retention(model, outputs: Sequence, sets: Sequence[Sequence[Mapping]],
 
 
 def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lambdas: Sequence[float], *,
-                         output: str, head=None, max_length: int | None = None, scope: str = "all",
+                         output: str, head=None, label_words: Sequence[str] | None = None,
+                         max_length: int | None = None, scope: str = "all",
                          batch_size: int = 32, progress: bool = True, names: Sequence[str] | None = None) -> dict:
     """`merge_retention` from model folders and JSONL files (what `taskvec check-merge --data` runs).
     Tasks are called `names` (default: the shortest path suffixes that tell the fine-tunes apart).
 
     The head of task A (encoders): `head` when given, else the one saved beside fine-tune A, else the
-    one beside the base. τ_t and θ_m − θ₀ are taken over `scope` (the check's), so with the default
+    one beside the base. `label_words`: the classes of logits / margin on a causal LM (as `make_output`
+    takes them). τ_t and θ_m − θ₀ are taken over `scope` (the check's), so with the default
     'all' the measured change is that of the merged model itself.
     """
     import torch
@@ -191,7 +193,7 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
     for ft in finetunes:
         own = fixed if fixed is not None else read_head_beside(ft)
         outputs.append(make_output(output, model, tok, head=own if own is not None else base_head,
-                                   max_length=max_length))
+                                   label_words=label_words, max_length=max_length))
     vectors = [TaskVector.from_checkpoints(base, ft, scope=scope, progress=progress) for ft in finetunes]
     delta = TaskVector.from_checkpoints(base, merged, scope=scope, progress=progress)
     # tensors f does not use (e.g. a BERT pooler: f mean-pools the last hidden state) are left out
