@@ -33,6 +33,7 @@ from .errors import TaskvecError, TaskvecWarning
 from .io import atomic_path
 
 OUTPUT_KINDS = ("logprob", "logprob-mean", "logits", "margin", "regression")
+LABEL_WORD_KINDS = ("logits", "margin")  # the outputs whose classes --label-words names
 HEAD_FILE = "taskvec_head.safetensors"
 
 
@@ -189,6 +190,10 @@ class OutputFunction:
 
         if kind not in OUTPUT_KINDS:
             raise TaskvecError(f"unknown output kind {kind!r}; choose one of {OUTPUT_KINDS}")
+        if label_words and kind not in LABEL_WORD_KINDS:
+            raise TaskvecError(f"output {kind!r} takes no label words (got --label-words {','.join(label_words)}); "
+                               f"they name the classes of {' and '.join(map(repr, LABEL_WORD_KINDS))} — "
+                               f"leave --label-words out")
         if max_length is not None and max_length < 1:
             raise TaskvecError(f"--max-length must be a positive number of tokens (got {max_length}); "
                                f"leave it out to use the model's context length")

@@ -143,6 +143,15 @@ def test_unknown_label_words_and_bad_max_length_are_refused():
             make_output("logprob", model, tok, max_length=bad)
 
 
+@pytest.mark.parametrize("kind", ["logprob", "logprob-mean", "regression"])
+def test_label_words_are_refused_for_outputs_without_classes(kind):
+    """They would be stored with the kernel and make `project --kernel` refuse it later."""
+    model, tok = load_model(tiny_model("gpt2", seed=4)), tiny_tokenizer()
+    with pytest.raises(TaskvecError, match=rf"output '{kind}' takes no label words \(got --label-words bad,great\); "
+                                           r"they name the classes of 'logits' and 'margin' — leave --label-words out"):
+        make_output(kind, model, tok, label_words=["bad", "great"])
+
+
 def test_a_label_word_of_several_tokens_warns_and_uses_its_first_token(capsys):
     import warnings
 
