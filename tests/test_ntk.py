@@ -9,7 +9,7 @@ from taskvec.errors import TaskvecError
 from taskvec.models import load_model
 from taskvec.ntk import (build_space, compute_kernel, cross_task, eigendirections, finite_difference, jvp,
                          kernel_alignment, principal_angles, project, random_control, random_like, spectrum)
-from taskvec.ntk.kernel import KernelResult
+from taskvec.ntk.kernel import KernelResult, _size
 from taskvec.ntk.sketch import CountSketch, sketch_bound
 from taskvec.outputs import LinearHead, make_output
 from tiny import tiny_model, tiny_tokenizer
@@ -451,6 +451,12 @@ def test_interrupt_leaves_no_cache(tmp_path):
         compute_kernel(model, f, ex, strategy="exact", progress=False)
     cache = tmp_path / "cache" / "ntk"
     assert not cache.exists() or not any(p.name[0] != "." for p in cache.iterdir())
+
+
+@pytest.mark.parametrize("nbytes, text", [(1073, "1.0 kB"), (3 << 20, "3.0 MB"), ((1 << 30) - 1, "1024.0 MB"),
+                                          (3 << 29, "1.50 GB")])
+def test_sizes_in_messages_are_human_readable(nbytes, text):
+    assert _size(nbytes) == text
 
 
 def test_bad_inputs():

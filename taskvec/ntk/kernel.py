@@ -54,6 +54,13 @@ GRADIENT_BLOCK_MAX = 128
 GB = 1 << 30
 
 
+def _size(nbytes: float) -> str:
+    """A byte count for messages: '1.50 GB', '12.3 MB' or '1.0 kB'."""
+    if nbytes >= GB:
+        return f"{nbytes / GB:.2f} GB"
+    return f"{nbytes / (1 << 20):.1f} MB" if nbytes >= 1 << 20 else f"{nbytes / (1 << 10):.1f} kB"
+
+
 @dataclass
 class KernelResult:
     """K (n×n float64, unnormalised; None for Lanczos), eigenpairs of K/n (descending) and run info."""
@@ -150,8 +157,8 @@ def plan(strategy: str, *, n: int, rows_per_ex: int, P: int, itemsize: int, ex_b
     row_bytes = rows_per_ex * P * itemsize  # one example's stored Jacobian rows
     if free < ex_bytes:
         raise TaskvecError(
-            f"memory budget {budget / GB:.2f} GB is too small for any strategy: the model takes "
-            f"{model_bytes / GB:.2f} GB and one example's gradient pass about {ex_bytes / GB:.2f} GB; "
+            f"memory budget {_size(budget)} is too small for any strategy: the model takes "
+            f"{_size(model_bytes)} and one example's gradient pass about {_size(ex_bytes)}; "
             f"raise --memory-gb or narrow --scope")
     def blocks_of(room: float) -> int:  # examples per gradient block
         return int(max(1, min(n, GRADIENT_BLOCK_MAX, GRADIENT_BLOCK_BYTES // row_bytes, room // ex_bytes)))
@@ -169,15 +176,15 @@ def plan(strategy: str, *, n: int, rows_per_ex: int, P: int, itemsize: int, ex_b
                       else free * 0.25)
     if strategy == "exact":
         storage = "ram" if stored + block * ex_bytes <= free else "disk"
-        notes = [] if storage == "ram" else [f"J ({n * row_bytes / GB:.1f} GB) exceeds the budget: stored on disk (memmap)"]
+        notes = [] if storage == "ram" else [f"J ({_size(n * row_bytes)}) exceeds the budget: stored on disk (memmap)"]
         slices = max(1, math.ceil(n * row_bytes / EXACT_SLICE_BYTES)) if storage == "ram" else 1
         return Plan("exact", block, storage=storage, slices=slices, notes=notes)
     if strategy == "recompute":
         room = free - block * ex_bytes - (n * rows_per_ex) ** 2 * 8
         slots = int(room // row_bytes)  # examples' rows that fit: the panel plus the recomputed-group buffer
         if slots < 2:
-            raise TaskvecError(f"memory budget {budget / GB:.2f} GB cannot hold two Jacobian rows "
-                               f"({row_bytes / GB:.2f} GB each) beside the model; use --strategy sketch or lanczos")
+            raise TaskvecError(f"memory budget {_size(budget)} cannot hold two Jacobian rows "
+                               f"({_size(row_bytes)} each) beside the model; use --strategy sketch or lanczos")
         group = max(1, min(GRAM_GROUP // rows_per_ex, slots // 4))
         panel = min(n, slots - group)
         block = min(block, panel, group)
