@@ -343,3 +343,26 @@ def test_causal_lm_margin_and_logits_with_label_words(tmp_path, capsys):
     assert np.shape(r["predicted_change"]) == (4, 2) and _rel(r["measured_change"], zm - z0) <= 1e-3
     assert main([*common, "--out", str(tmp_path / "e"), "--label-words", " the, was"]) == 2
     assert "--label-words" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_a_merge_equal_to_the_base_skips_retention_and_zero_changes_are_said_in_words(coll, tmp_path, capsys):
+    """θ_m = θ₀: check-merge --data reports 'unchanged' and one 'retention_skipped', not a retention warning
+    of 'off by nan%'. The verdicts themselves never print nan: with no change predicted or measured there is
+    nothing to compare (info); a change predicted but none measured is a warning that gives both norms."""
+    import shutil
+
+    root, tok, base, fts, merged, data = coll
+    same = shutil.copytree(base, tmp_path / "same")
+    capsys.readouterr()
+    rep, _ = _check(tmp_path, base, fts, same, data)
+    printed = capsys.readouterr().out
+    assert [(f["level"], f["finding"]) for f in rep["findings"]] == [("error", "unchanged"),
+                                                                     ("error", "retention_skipped")]
+    assert "equals the base" in rep["findings"][1]["message"] and "retention" not in rep
+    assert "nan" not in printed
+    nothing = verdicts(retention_from_paths(base, same, fts, data, [0.0, 0.0], output="regression", progress=False))
+    assert [v["level"] for v in nothing] == ["info", "info"]
+    assert all("no change to compare" in v["message"] and "nan" not in v["message"] for v in nothing)
+    claimed = verdicts(retention_from_paths(base, same, fts, data, [0.7, 0.4], output="regression", progress=False))
+    assert [v["level"] for v in claimed] == ["warning", "warning"]
+    assert all("but measured change of norm 0;" in v["message"] and "nan" not in v["message"] for v in claimed)

@@ -50,6 +50,20 @@ def _check_numbers(args) -> None:
             raise TaskvecError(f"{flag} {value}: must be a positive integer (e.g. {flag} 32)")
 
 
+def _retention_skipped(rep: dict) -> dict | None:
+    """The finding that stands for per-task retention when the merged weights leave nothing to measure (NaN/Inf
+    outputs, which 'undetermined' merges always have, or none moved), else None."""
+    if rep["nonfinite"]:
+        why = (f"the merged model holds NaN/Inf in {len(rep['nonfinite'])} tensor(s) (see 'nonfinite'), so its "
+               "outputs are not numbers")
+    elif rep["classification"] == "unchanged":
+        why = "the merged model equals the base (see 'unchanged'), so no task's outputs move"
+    else:
+        return None
+    return {"level": "error", "finding": "retention_skipped",
+            "message": f"per-task retention not measured: {why}; redo the merge first"}
+
+
 def run(args) -> int:
     from ..errors import TaskvecError
     from ..io import check_out_dir
@@ -77,11 +91,9 @@ def run(args) -> int:
         read_task_data(args.data, args.output)  # bad JSONL fails before the (long) tensor check
     rep = check_merge(args.base, args.merged, args.finetunes, scope=args.scope, progress=not args.no_progress,
                       names=names)
-    if args.data is not None and rep["nonfinite"]:  # its outputs would be NaN: report the weights, skip the rest
-        rep["findings"] = rep["findings"] + [{
-            "level": "error", "finding": "retention_skipped",
-            "message": f"per-task retention not measured: the merged model holds NaN/Inf in {len(rep['nonfinite'])} "
-                       "tensor(s) (see 'nonfinite'), so its outputs are not numbers; redo the merge first"}]
+    skipped = _retention_skipped(rep) if args.data is not None else None
+    if skipped:  # report the weights, skip the rest
+        rep["findings"] = rep["findings"] + [skipped]
     elif args.data is not None:
         from ..merge.retention_data import retention_figure, retention_from_paths, verdicts
 

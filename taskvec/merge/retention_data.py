@@ -230,12 +230,7 @@ def verdicts(retention: dict) -> list[dict]:
     """One verdict line per task: predicted vs measured retention, interference and metric."""
     out = []
     for name, r in retention["tasks"].items():
-        err = r.get("relative_error", float("nan"))
-        level = "warning" if not err <= POOR_FIT else "ok"
-        msg = (f"retention predicted {r['predicted_retention']:.4g} / measured {r['measured_retention']:.4g} "
-               f"(vs fine-tune alone {r['measured_retention_vs_finetune']:.4g}); interference predicted "
-               f"{r['predicted_interference']:.4g} / measured {r['measured_interference']:.4g}; "
-               f"predicted change off by {100 * err:.3g}% (cosine {r['cosine']:.4f}, slope {r['slope']:.3g})")
+        level, msg = _comparison(r)
         m = r.get("metric")
         if m:
             msg += (f"; {m['name']} base {m['base']:.4g}, merged predicted {m['merged_predicted']:.4g} / "
@@ -246,6 +241,22 @@ def verdicts(retention: dict) -> list[dict]:
             msg += " — the kernel (linear) prediction does not hold for this merge"
         out.append({"level": level, "finding": "retention", "task": name, "message": f"{name}: {msg}"})
     return out
+
+
+def _comparison(r: dict) -> tuple[str, str]:
+    """(level, text) of one task's predicted change next to its measured one; in words where either is zero
+    (retention, error, cosine and slope are then ratios of zeros)."""
+    pred, meas = r["predicted_change_norm"], r["measured_change_norm"]
+    if pred == 0 and meas == 0:
+        return "info", "no change to compare: the merge moves none of this task's outputs, predicted or measured"
+    if pred == 0 or meas == 0:
+        return "warning", f"predicted change of norm {pred:.4g} but measured change of norm {meas:.4g}"
+    err = r["relative_error"]
+    return ("ok" if err <= POOR_FIT else "warning"), (
+        f"retention predicted {r['predicted_retention']:.4g} / measured {r['measured_retention']:.4g} "
+        f"(vs fine-tune alone {r['measured_retention_vs_finetune']:.4g}); interference predicted "
+        f"{r['predicted_interference']:.4g} / measured {r['measured_interference']:.4g}; "
+        f"predicted change off by {100 * err:.3g}% (cosine {r['cosine']:.4f}, slope {r['slope']:.3g})")
 
 
 def retention_figure(retention: dict, out_dir) -> list[Path]:
