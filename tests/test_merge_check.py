@@ -49,6 +49,7 @@ def test_recovers_task_arithmetic_lambdas(coll, tmp_path):
     assert rep["residual_fraction_global"] < 1e-10
     found = kinds(rep)
     assert found["task_arithmetic"]["level"] == "ok" and "tensors_do_not_fit" not in found
+    assert "finite" not in found["task_arithmetic"]["message"]  # said only when some tensor is not
     assert not any(f["level"] == "error" for f in rep["findings"])
     write_check(rep, tmp_path / "report")
     saved = json.loads((tmp_path / "report" / "check.json").read_text())
@@ -173,6 +174,9 @@ def test_flags_nonfinite_missing_and_extra(coll, tmp_path):
     assert found["missing_tensors"]["tensors"] == ["transformer.h.1.ln_2.bias"]
     assert found["extra_tensors"]["tensors"] == ["transformer.h.9.extra.weight"]
     assert rep["classification"] == "task_arithmetic"  # the finite entries still fit exactly
+    n = rep["n_tensors_checked"]
+    assert found["task_arithmetic"]["message"].endswith(
+        f"; holds on the {n - 1} of {n} tensors that are finite and on the finite entries of 1 more only")
 
 
 def fill_every_tensor(value):
@@ -208,7 +212,8 @@ def test_nonfinite_merge_equal_to_the_base_elsewhere_is_not_determined(coll, tmp
 
 def test_tensors_with_no_finite_entry_do_not_vote(coll, tmp_path):
     """Tensors that are all Inf hold no evidence: λ comes from the other tensors (it read 0, beside a
-    'task_arithmetic' verdict and 'tensors do not fit', when two thirds of the tensors were Inf)."""
+    'task_arithmetic' verdict and 'tensors do not fit', when two thirds of the tensors were Inf), and the
+    [ok] verdict says it holds on the finite tensors only (it read as if it held for the whole model)."""
     root, base, fts = coll
     good = merge_checkpoints(base, fts, "task_arithmetic", MergeParams(weights=(0.3, 0.5, 0.7)), tmp_path / "m",
                              progress=False)
@@ -223,6 +228,9 @@ def test_tensors_with_no_finite_entry_do_not_vote(coll, tmp_path):
     assert np.abs(np.array(rep["lambda_global"]) - [0.3, 0.5, 0.7]).max() <= 1e-5
     assert len(rep["nonfinite"]) > rep["n_tensors_checked"] / 2 > len(rep["tensors"])
     assert "tensors_do_not_fit" not in kinds(rep) and kinds(rep)["nonfinite"]["level"] == "error"
+    ok = kinds(rep)["task_arithmetic"]  # true of the finite tensors only, and it says so
+    assert ok["message"].endswith(f"; holds on the {len(rep['tensors'])} of {rep['n_tensors_checked']} tensors "
+                                  "that are finite only")
 
 
 def test_merge_equal_to_the_base_reads_as_unchanged_without_numpy_warnings(coll, tmp_path):

@@ -287,8 +287,10 @@ def classify(rep: dict) -> str:
 def findings(rep: dict) -> list[dict]:
     """One verdict line per finding, naming tensors (level: ok | info | warning | error)."""
     out = []
+    finite_only = _on_finite_only(rep)
 
     def add(level, kind, message, tensors=()):
+        message += finite_only if level == "ok" else ""  # every ok verdict rests on the finite values alone
         out.append({"level": level, "finding": kind, "message": message, "tensors": list(tensors)})
 
     kind = classify(rep)
@@ -389,6 +391,15 @@ def findings(rep: dict) -> list[dict]:
         add("error", "tensors_do_not_fit", f"{len(misfit)} tensor(s) do not fit the rest of the merge "
             f"(misfit > {cut:.3g}): " + name_list(f"{n} ({score[n]:.3g})" for n in misfit), misfit)
     return out
+
+
+def _on_finite_only(rep: dict) -> str:
+    """'' when every checked tensor is finite, else which tensors (and entries) a verdict rests on."""
+    if not rep["nonfinite"]:
+        return ""
+    n, partial = rep["n_tensors_checked"], sum(1 for r in rep["tensors"] if r["nonfinite"])
+    return (f"; holds on the {n - len(rep['nonfinite'])} of {n} tensors that are finite"
+            + (f" and on the finite entries of {partial} more" if partial else "") + " only")
 
 
 def _rescale_convention(rep: dict) -> str:
