@@ -512,6 +512,10 @@ class LoraCheckpoint(Checkpoint):
                 continue
             mod = _strip_peft_prefix(m["mod"])
             groups.setdefault(mod, {})[m["kind"] + ("." + m["param"] if m["param"] else "")] = key
+        if not groups:
+            held = f"only {_first(weights.keys())}" if len(weights) else "no tensors"
+            raise TaskvecError(f"{folder}: the adapter holds no LoRA A/B weights (its file has {held}); re-save it "
+                               "with peft's save_pretrained, or pass the adapter folder you mean")
         default_r, default_alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
         for mod, parts in groups.items():
             embedding = "lora_embedding_A" in parts
@@ -947,29 +951,36 @@ def align(base: Checkpoint, other: Checkpoint) -> Alignment:
     al.extra = [o for o in other_keys if o not in used_other and o not in al.tied]
     if not other.is_delta:
         al.missing = [b for b in base_keys if b not in al.pairs and b not in al.shape_mismatch]
-    if not al.pairs and not al.shape_mismatch:
-        ex = ", ".join(other_keys[:2])
-        if other.is_delta:
-            raise TaskvecError(f"{other.source}: the LoRA adapter adapts tensors ({ex}, …) that the base {base.source} "
-                               "does not have; the adapter was trained on a different base model "
-                               f"(adapter_config says {getattr(other, 'base_model', None)!r})")
-        raise TaskvecError(f"{other.source} shares no tensor names with the base {base.source} (e.g. {ex} vs "
-                           f"{', '.join(base_keys[:2])}); they are different architectures — pass the fine-tune's "
-                           "own base model")
-    if other.is_delta and al.extra:
-        raise TaskvecError(f"{other.source}: the LoRA adapter adapts {al.extra[0]!r} which the base {base.source} "
-                           "does not have; the adapter was trained on a different base model "
-                           f"(adapter_config says {getattr(other, 'base_model', None)!r})")
-    if other.is_delta and al.shape_mismatch:
-        n, (bs, os_) = next(iter(al.shape_mismatch.items()))
-        raise TaskvecError(f"{other.source}: the LoRA adapter's ΔW for {n!r} has shape {tuple(os_)} but the base "
-                           f"{base.source} has {tuple(bs)}; the adapter was trained on a different base model "
-                           f"(adapter_config says {getattr(other, 'base_model', None)!r})")
+    if other.is_delta:
+        _refuse_misfit_adapter(base, other, al)
+    elif not al.pairs and not al.shape_mismatch:
+        raise TaskvecError(f"{other.source} shares no tensor names with the base {base.source} (e.g. "
+                           f"{', '.join(other_keys[:2])} vs {', '.join(base_keys[:2])}); they are different "
+                           "architectures — pass the fine-tune's own base model")
     n_base = len(base_keys)
     if not other.is_delta and n_base and len(al.pairs) < 0.5 * n_base and len(al.shape_mismatch) + len(al.missing) > 0.5 * n_base:
         raise TaskvecError(f"{other.source} matches only {len(al.pairs)} of the base's {n_base} tensors "
                            f"({base.source}); they look like different architectures — pass the fine-tune's own base")
     return al
+
+
+def _first(names: list[str]) -> str:
+    """The first name quoted, and how many more there are."""
+    return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
+def _refuse_misfit_adapter(base: Checkpoint, adapter: Checkpoint, al: Alignment) -> None:
+    """Refuse a LoRA adapter that adapts tensors `base` lacks, or gives them other shapes."""
+    if al.extra:
+        what = f"adapts {_first(al.extra)}, which the base {base.source} does not have"
+    elif al.shape_mismatch:
+        n, (bs, os_) = next(iter(al.shape_mismatch.items()))
+        what = f"gives {n!r} the shape {tuple(os_)} but the base {base.source} has {tuple(bs)}"
+    else:
+        return
+    said = getattr(adapter, "base_model", None)
+    raise TaskvecError(f"{adapter.source}: the LoRA adapter {what}; the adapter was trained on a different base "
+                       "model" + (f" (adapter_config says {said!r})" if said else ""))
 
 
 def match_parameter_names(keys: Iterable[str], model, *, strict: bool = True) -> dict[str, str]:

@@ -117,6 +117,28 @@ def test_lora_on_wrong_base_is_refused(tmp_path):
         align(llama, lora)
 
 
+def _adapter(folder, tensors):
+    """A hand-written adapter folder holding `tensors` (name → shape)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({k: torch.ones(shape) for k, shape in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    return folder
+
+
+def test_adapter_without_lora_weights_or_matching_modules_is_named(tmp_path):
+    with pytest.raises(TaskvecError, match=r"holds no LoRA A/B weights \(its file has only 'foo'\)"):
+        open_checkpoint(_adapter(tmp_path / "foo", {"foo": (3,)}))
+    gpt = open_checkpoint(save_hf(tiny_model("gpt2"), tmp_path / "gpt"))
+    lora = open_checkpoint(_adapter(tmp_path / "nope", {
+        f"base_model.model.{m}.{ab}.weight": shape for m in ("nope", "nada")
+        for ab, shape in (("lora_A", (4, 8)), ("lora_B", (8, 4)))}))
+    with pytest.raises(TaskvecError, match=r"adapts 'nada\.weight' \(and 1 more\), which the base .* does not "
+                                           r"have; .*different base model$"):
+        align(gpt, lora)
+
+
 def test_lora_rank_config_mismatch(tmp_path):
     make_lora(tiny_model("llama"), tmp_path / "lora", "llama")
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
