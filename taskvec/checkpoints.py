@@ -953,20 +953,40 @@ def align(base: Checkpoint, other: Checkpoint) -> Alignment:
         al.missing = [b for b in base_keys if b not in al.pairs and b not in al.shape_mismatch]
     if other.is_delta:
         _refuse_misfit_adapter(base, other, al)
-    elif not al.pairs and not al.shape_mismatch:
-        raise TaskvecError(f"{other.source} shares no tensor names with the base {base.source} (e.g. "
-                           f"{', '.join(other_keys[:2])} vs {', '.join(base_keys[:2])}); they are different "
-                           "architectures — pass the fine-tune's own base model")
-    n_base = len(base_keys)
-    if not other.is_delta and n_base and len(al.pairs) < 0.5 * n_base and len(al.shape_mismatch) + len(al.missing) > 0.5 * n_base:
-        raise TaskvecError(f"{other.source} matches only {len(al.pairs)} of the base's {n_base} tensors "
-                           f"({base.source}); they look like different architectures — pass the fine-tune's own base")
+    elif len(al.pairs) < 0.5 * len(base_keys) and len(al.shape_mismatch) + len(al.missing) > 0.5 * len(base_keys):
+        _refuse_other_model(base, other, al, base_keys, other_keys)
     return al
 
 
 def _first(names: list[str]) -> str:
     """The first name quoted, and how many more there are."""
     return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
+def _of(k: int, n: int) -> str:
+    """'all n' or 'k of n'."""
+    return f"all {n}" if k == n else f"{k} of {n}"
+
+
+def _refuse_other_model(base: Checkpoint, other: Checkpoint, al: Alignment, base_keys: list[str],
+                        other_keys: list[str]) -> None:
+    """Refuse a fine-tune most of whose tensors do not pair with `base`'s, saying how they differ."""
+    if not other_keys:
+        raise TaskvecError(f"{other.source} holds no floating-point tensors, so nothing compares with the base "
+                           f"{base.source}; is it the right file?")
+    if not al.pairs and not al.shape_mismatch:
+        raise TaskvecError(f"{other.source} shares no tensor names with the base {base.source} (e.g. "
+                           f"{', '.join(other_keys[:2])} vs {', '.join(base_keys[:2])}); they are different "
+                           "architectures — pass the fine-tune's own base model")
+    if len(al.shape_mismatch) > len(al.missing):
+        named = len(al.pairs) + len(al.shape_mismatch)
+        n, (bs, os_) = next(iter(al.shape_mismatch.items()))
+        raise TaskvecError(f"{other.source}: {_of(named, len(base_keys))} tensor names match the base {base.source} "
+                           f"but {_of(len(al.shape_mismatch), named)} have other shapes (first: {n!r}, {tuple(bs)} in "
+                           f"the base vs {tuple(os_)}): a different model size of the same architecture — pass the "
+                           "fine-tune's own base")
+    raise TaskvecError(f"{other.source} matches only {len(al.pairs)} of the base's {len(base_keys)} tensors "
+                       f"({base.source}); they look like different architectures — pass the fine-tune's own base")
 
 
 def _refuse_misfit_adapter(base: Checkpoint, adapter: Checkpoint, al: Alignment) -> None:

@@ -277,6 +277,21 @@ def test_align_refuses_other_architecture_and_names_wrong_shape(tmp_path):
         al.check()
 
 
+def test_align_names_a_different_size_and_an_empty_file(tmp_path):
+    from safetensors.torch import save_file
+
+    gpt = open_checkpoint(save_hf(tiny_model("gpt2"), tmp_path / "gpt"))
+    small = open_checkpoint(save_hf(tiny_model("gpt2", hidden=16), tmp_path / "small"))
+    n = len(small)
+    with pytest.raises(TaskvecError, match=rf"all {n} tensor names match the base .* but all {n} have other shapes "
+                                           r"\(first: 'transformer\.h\.0\.attn\.c_attn\.bias', \(96,\) in the base "
+                                           r"vs \(48,\)\): a different model size of the same architecture"):
+        align(gpt, small)
+    save_file({"ids": torch.zeros(3, dtype=torch.int64)}, str(tmp_path / "ints.safetensors"))
+    with pytest.raises(TaskvecError, match="ints.safetensors holds no floating-point tensors"):
+        align(gpt, open_checkpoint(tmp_path / "ints.safetensors"))
+
+
 def test_match_parameter_names(tmp_path):
     from transformers import GPT2Model
 
