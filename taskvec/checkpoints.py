@@ -953,7 +953,8 @@ def align(base: Checkpoint, other: Checkpoint) -> Alignment:
         al.missing = [b for b in base_keys if b not in al.pairs and b not in al.shape_mismatch]
     if other.is_delta:
         _refuse_misfit_adapter(base, other, al)
-    elif len(al.pairs) < 0.5 * len(base_keys) and len(al.shape_mismatch) + len(al.missing) > 0.5 * len(base_keys):
+    elif not al.pairs or (len(al.pairs) < 0.5 * len(base_keys)
+                          and len(al.shape_mismatch) + len(al.missing) > 0.5 * len(base_keys)):
         _refuse_other_model(base, other, al, base_keys, other_keys)
     return al
 
@@ -971,9 +972,10 @@ def _of(k: int, n: int) -> str:
 def _refuse_other_model(base: Checkpoint, other: Checkpoint, al: Alignment, base_keys: list[str],
                         other_keys: list[str]) -> None:
     """Refuse a fine-tune most of whose tensors do not pair with `base`'s, saying how they differ."""
-    if not other_keys:
-        raise TaskvecError(f"{other.source} holds no floating-point tensors, so nothing compares with the base "
-                           f"{base.source}; is it the right file?")
+    for ck, keys in ((base, base_keys), (other, other_keys)):
+        if not keys:
+            raise TaskvecError(f"{ck.source} holds no floating-point tensors, so there is nothing to compare; is it "
+                               "the right file?")
     if not al.pairs and not al.shape_mismatch:
         raise TaskvecError(f"{other.source} shares no tensor names with the base {base.source} (e.g. "
                            f"{', '.join(other_keys[:2])} vs {', '.join(base_keys[:2])}); they are different "

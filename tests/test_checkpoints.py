@@ -288,8 +288,10 @@ def test_align_names_a_different_size_and_an_empty_file(tmp_path):
                                            r"vs \(48,\)\): a different model size of the same architecture"):
         align(gpt, small)
     save_file({"ids": torch.zeros(3, dtype=torch.int64)}, str(tmp_path / "ints.safetensors"))
-    with pytest.raises(TaskvecError, match="ints.safetensors holds no floating-point tensors"):
-        align(gpt, open_checkpoint(tmp_path / "ints.safetensors"))
+    ints = open_checkpoint(tmp_path / "ints.safetensors")
+    for pair in ((gpt, ints), (ints, gpt)):
+        with pytest.raises(TaskvecError, match="ints.safetensors holds no floating-point tensors"):
+            align(*pair)
 
 
 def test_match_parameter_names(tmp_path):
