@@ -89,8 +89,12 @@ def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     assert main(["theory", "--ntk", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "holds neither kernel.npy nor eigenvalues.npy" in capsys.readouterr().err
     for opt, val, words in [("--tol", "-1", "--tol -1.0 must lie in [0, 1)"), ("--bootstrap", "-1", "must be ≥ 0"),
-                            ("--holdout", "2", "must be a fraction"), ("--epochs-trained", "-3", "must be > 0"),
-                            ("--seed", "-5", "--seed -5 must be ≥ 0"), ("--radius", "-2", "--radius -2.0 must be > 0")]:
+                            ("--holdout", "2", "must be a fraction"), ("--seed", "-5", "--seed -5 must be ≥ 0"),
+                            ("--epochs-trained", "-3", "--epochs-trained -3.0 must be a positive finite number"),
+                            ("--epochs-trained", "inf", "--epochs-trained inf must be a positive finite number"),
+                            ("--radius", "-2", "--radius -2.0 must be a positive finite number"),
+                            ("--sigma", "nan", "--sigma nan must be a positive finite number"),
+                            ("--lr", "inf", "--lr inf must be a positive finite number")]:
         assert main(["theory", "--eigenvalues", str(ev), opt, val, "--out", str(out)]) == 2
         assert words in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not one of the optimisers the translation knows
@@ -105,6 +109,17 @@ def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "single .npy array" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_theory_prints_its_caveats(tmp_path, capsys):
+    """A step α = 2·lr above min(1, 1/μ̂₁) voids the RWY guarantee: said on the console, not only in theory.json."""
+    ev = _spectrum(tmp_path)
+    assert main(["theory", "--eigenvalues", str(ev), "--sigma", "1", "--lr", "1", "--batch-size", "4", "--n", "400",
+                 "--no-figures", "--bootstrap", "0", "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "theory.json").read_text())
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("caveat: ")]
+    assert printed == [f"caveat: {res['spectrum_info']['note']}", f"caveat: {res['training']['note']}"]
+    assert "the RWY guarantee does not apply as stated" in printed[1]
 
 
 def test_theory_compares_with_finetune_curve(tmp_path):

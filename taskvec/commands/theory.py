@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -66,12 +67,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         bad.append(f"--bootstrap {args.bootstrap} must be ≥ 0")
     if not 0 <= args.holdout < 1:
         bad.append(f"--holdout {args.holdout} must be a fraction in [0, 1) (0 disables)")
-    if args.epochs_trained is not None and not args.epochs_trained > 0:
-        bad.append(f"--epochs-trained {args.epochs_trained} must be > 0")
     if args.seed < 0:
         bad.append(f"--seed {args.seed} must be ≥ 0")
-    if args.radius is not None and not args.radius > 0:
-        bad.append(f"--radius {args.radius} must be > 0")
+    for flag in ("--sigma", "--radius", "--lr", "--epochs-trained"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not (math.isfinite(value) and value > 0):
+            bad.append(f"{flag} {value} must be a positive finite number")
     if bad:
         raise TaskvecError("; ".join(bad))
 
@@ -305,6 +306,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# sections of theory.json whose "note" is a caveat on the numbers printed
+_CAVEAT_SECTIONS = ("spectrum_info", "predicted_rate", "early_stopping", "training")
+
+
+def _caveats(res: dict) -> list[str]:
+    """The caveats theory.json records (its sections' "note" fields), each once."""
+    return list(dict.fromkeys(res[key]["note"] for key in _CAVEAT_SECTIONS if res.get(key, {}).get("note")))
+
+
 def _print_summary(res: dict, out: Path) -> None:
     fits = res["decay_fits"]
     pw, ex = fits["power"], fits["exponential"]
@@ -327,4 +337,6 @@ def _print_summary(res: dict, out: Path) -> None:
     if "stopping_vs_curve" in res:
         c = res["stopping_vs_curve"]
         print(f"validation curve: best epoch {c['best_epoch_measured']:g} (measured) vs {c['predicted_epochs']} (predicted)")
+    for note in _caveats(res):
+        print(f"caveat: {note}")
     print(f"wrote {out / 'theory.json'}")
