@@ -104,11 +104,23 @@ def test_theory_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     text.write_text("not an archive")
     assert main(["theory", "--eigenvalues", str(ev), "--n", "64", "--sigma", "0.5", "--nested", str(text),
                  "--out", str(out)]) == 2
-    assert "not a readable .npz archive" in capsys.readouterr().err
+    assert "notes.txt has no numpy header (text or another format): not an .npz archive" in capsys.readouterr().err
     assert main(["theory", "--eigenvalues", str(ev), "--n", "64", "--sigma", "0.5", "--nested", str(ev),
                  "--out", str(out)]) == 2
     assert "single .npy array" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_arrays_that_are_not_npy_files_are_refused_in_one_line(tmp_path, capsys):
+    """numpy would call a text file 'pickled (object) data', and raise on an .npz or empty file."""
+    (tmp_path / "mu.txt").write_text("0.5\n0.25\n")
+    np.savez(tmp_path / "mu.npz", mu=np.ones(3))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    for name, found in (("mu.txt", "has no numpy header (text or another format)"),
+                        ("mu.npz", "is an .npz archive"), ("empty.npy", "is empty")):
+        assert main(["theory", "--eigenvalues", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"{name} {found}: not a .npy array; save the array with numpy.save" in err and err.count("\n") == 1
 
 
 def test_theory_prints_its_caveats(tmp_path, capsys):

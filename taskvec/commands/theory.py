@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import platform
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +99,28 @@ def _recorded_n(folder: Path) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def _file_format(path: Path) -> str:
+    """'npy', 'npz', 'empty' or 'other', from the file's first bytes."""
+    with path.open("rb") as fh:
+        head = fh.read(6)
+    if not head:
+        return "empty"
+    return "npy" if head == b"\x93NUMPY" else "npz" if head.startswith(b"PK") else "other"
+
+
+_FOUND = {"empty": "is empty", "npy": "is a single .npy array", "npz": "is an .npz archive",
+          "other": "has no numpy header (text or another format)"}
+
+
 def _load_npy(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise TaskvecError(f"{what} file {path} does not exist")
+    fmt = _file_format(path)
+    if fmt != "npy":
+        raise TaskvecError(f"{what} file {path} {_FOUND[fmt]}: not a .npy array; save the array with numpy.save")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise TaskvecError(f"{what} file {path} is not a readable .npy array ({exc}); save it with numpy.save") from None
     if not np.issubdtype(arr.dtype, np.number):
         raise TaskvecError(f"{what} file {path} holds {arr.dtype} values, not numbers; save a numeric array")
@@ -235,14 +252,15 @@ def run(args: argparse.Namespace) -> int:
     if args.nested is not None:
         if not args.nested.is_file():
             raise TaskvecError(f"--nested file {args.nested} does not exist")
+        fmt = _file_format(args.nested)
+        if fmt != "npz":
+            raise TaskvecError(f"--nested {args.nested} {_FOUND[fmt]}: not an .npz archive; save the nested spectra "
+                               "with numpy.savez(n_<size>=eigenvalues, …)")
         try:
             z = np.load(args.nested, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise TaskvecError(f"--nested {args.nested} is not a readable .npz archive ({exc}); save it with "
                                "numpy.savez(n_<size>=eigenvalues, …)") from None
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise TaskvecError(f"--nested {args.nested} is a single .npy array; save the nested spectra with "
-                               "numpy.savez(n_<size>=eigenvalues, …)")
         with z:
             try:
                 nested = {int(k.split("_", 1)[1]): z[k] for k in z.files}
