@@ -146,10 +146,15 @@ def run(args) -> int:
 
     inputs = [x for x in (getattr(args, "model", None), args.task_vector, args.kernel, getattr(args, "data", None)) if x]
     check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # fail before the work, not after it
+    from ..merge.base import warn_extra_tensors
     from ..ntk import KernelResult, finite_difference, jvp, match_direction, project, random_control
 
     model, output, examples, desc = load_setup(args)
     tv = load_task_vector(args.task_vector, args.model, args.scope, not args.no_progress)
+    alignment = tv.meta.get("alignment")
+    if alignment and alignment.get("extra"):
+        warn_extra_tensors({args.task_vector: alignment["extra"]}, "left out of τ (not projected)",
+                           "projection.json under alignment.extra")
     _check_nonzero(args, tv.norm() ** 2, f"on all its {len(tv)} tensors")
     unverified = []
     if args.kernel:
@@ -176,7 +181,7 @@ def run(args) -> int:
     Jtau = jvp(model, output, examples, inside, progress=not args.no_progress)
     proj = project(result, Jtau, tau_sq_norm=sq)
     report = {"inputs": desc, "task_vector": str(args.task_vector), "scope": args.scope,
-              "tensors_projected": len(inside), "tensors_outside_kernel_scope": outside,
+              "tensors_projected": len(inside), "tensors_outside_kernel_scope": outside, "alignment": alignment,
               "kernel": {k: result.info.get(k) for k in ("strategy", "n", "m", "n_params", "cache_key", "mode")},
               "kernel_unverified": unverified,
               "task": _summary(proj)}
