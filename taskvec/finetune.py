@@ -354,8 +354,8 @@ def train_run(*, base: str, model_kind: str, output_kind: str, task_kind: str, t
         if not math.isfinite(value):
             raise TaskvecError(f"{desc}: training loss became {value} at step {step + 1}; lower [train] lr")
         curves["train"].append({"step": step + 1, "epoch": (step + 1) / spe, "loss": value})
+        bar.set_postfix(loss=f"{value:.3g}", refresh=False)  # shown at the bar's next redraw (every 30 s in logs)
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.3g}")
         s = step + 1
         if s in sched or (cfg.eval_every and s % cfg.eval_every == 0):
             name, ep = sched.get(s, (None, s / spe))

@@ -184,6 +184,21 @@ def test_interrupted_run_resumes_bitwise(tiny_bert, tmp_path, monkeypatch):
     assert [e["validation"] for e in ca["eval"]] == [e["validation"] for e in cb["eval"]]
 
 
+def test_step_bar_redraws_at_its_interval_not_every_step(tiny_bert, tmp_path, monkeypatch):
+    """Into a log (the CLI sets TQDM_MININTERVAL=30 when stderr is no terminal) the step bar must not draw a line per
+    step: a refreshing set_postfix did, whatever the interval."""
+    import io
+    from functools import partial
+
+    from tqdm import tqdm
+
+    log = io.StringIO()
+    monkeypatch.setattr(finetune, "_tqdm", partial(tqdm, file=log, mininterval=3600))
+    finetune.build_collection(_cfg(tiny_bert / "base", batch_size=2, epochs=1, fractions=[]), tmp_path / "col")
+    draws = [text for text in log.getvalue().split("\r") if "step" in text]
+    assert len(draws) == 1 and "0/8" in draws[0]  # the opening draw only: 8 steps take far less than the hour
+
+
 def test_sgd_step_is_gradient_descent_on_mse(tiny_bert, tmp_path):
     """One full-batch SGD step equals θ − lr·∇ mean((f − y)²) computed independently."""
     from transformers import AutoModel
