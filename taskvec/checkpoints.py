@@ -20,13 +20,14 @@ import math
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import TaskvecError
+from .errors import TaskvecError, TaskvecWarning
 
 __all__ = [
     "Checkpoint",
@@ -1065,3 +1066,21 @@ def write_safetensors(path, specs: dict[str, tuple[tuple, torch.dtype]], produce
                 if progress is not None:
                     progress.update(1)
     return path
+
+
+def name_list(items, k: int = 5) -> str:
+    """The first `k` of `items`, comma-separated, and how many more there are."""
+    items = list(items)
+    return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
+
+
+def extra_tensors(finetunes: Sequence, alignments: Sequence) -> dict[str, list[str]]:
+    """Per fine-tune (by source), the tensors it holds beyond the base (an added head, extra layers), if any."""
+    return {ft.source: al.extra for ft, al in zip(finetunes, alignments) if al.extra}
+
+
+def warn_extra_tensors(extra: dict[str, list[str]], fate: str, listed: str) -> None:
+    """One TaskvecWarning per fine-tune of `extra_tensors`: what befell them (`fate`) and where they are `listed`."""
+    for src, names in ((s, n) for s, n in extra.items() if n):
+        warnings.warn(f"{src} holds {len(names)} tensor(s) the base lacks ({name_list(names, 3)}), {fate}: an "
+                      f"added head or a different architecture? (all listed in {listed})", TaskvecWarning, stacklevel=2)

@@ -302,7 +302,7 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
     t0 = time.perf_counter()
     if dtype not in (torch.float32, torch.float64):
         raise TaskvecError(f"dtype must be float32 or float64, not {dtype}")
-    ks = tuple(float(k) for k in top_k_percent)
+    ks = tuple(dict.fromkeys(float(k) for k in top_k_percent))  # a percentage given twice counts once
     if any(not (0 < k <= 100) for k in ks):
         raise TaskvecError(f"top-k percentages must lie in (0, 100], got {list(ks)}")
     base, fts, names, aligned, in_scope, out_of_scope = _resolve_inputs(base, fts, names, scope, allow_network)

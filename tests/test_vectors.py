@@ -169,3 +169,8 @@ def test_vectors_command_top_k_given_twice_counts_once(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("ft "))
     assert header.split()[-2:] == ["top1%", "top10%"] and header.count("top1%") == 1
     assert len(row.split()) == len(header.split())
+    from taskvec.vector_stats import collection_stats  # the API counts a repeated percentage once too
+
+    st = collection_stats(tmp_path / "base", [tmp_path / "ft"], top_k_percent=(1, 1.0, 10), spectra_max_dim=0,
+                          progress=False).to_dict()
+    assert st["config"]["top_k_percent"] == [1.0, 10.0] and list(st["global"]["ft"]["top_mass"]) == ["1", "10"]

@@ -234,7 +234,8 @@ def test_cli_vectors_names_zero_and_skipped_and_refuses_bad_numbers(gpt2_coll, t
     torch.save(sd, tmp_path / "deeper.pt")
     assert main(["vectors", str(c["base"]), str(tmp_path / "deeper.pt"), "--out", str(tmp_path / "d"),
                  "--no-progress", "--no-figures"]) == 0
-    assert "holds 1 tensor(s) the base lacks (e.g. transformer.h.9.mlp.c_fc.bias)" in capsys.readouterr().out
+    assert ("taskvec vectors: warning: deeper.pt holds 1 tensor(s) the base lacks (transformer.h.9.mlp.c_fc.bias), left "
+            "out of τ") in capsys.readouterr().err
     assert main(["vectors", str(c["base"]), str(c["ft"][0]), str(c["ft"][1]), "--names", "a,",
                  "--out", str(tmp_path / "e")]) == 2
     assert "task names must be non-empty" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def _retention_skipped(rep: dict) -> dict | None:
 def run(args) -> int:
     from ..errors import TaskvecError
     from ..io import check_out_dir
-    from ..merge.base import warn_extra_tensors
+    from ..checkpoints import warn_extra_tensors
     from ..merge.check import check_merge, write_check
 
     _check_numbers(args)

@@ -46,7 +46,7 @@ def run(args) -> int:
 
     from ..errors import TaskvecError
     from ..merge import MergeParams, merge_checkpoints
-    from ..merge.base import warn_extra_tensors
+    from ..checkpoints import warn_extra_tensors
     from ..merge.mergekit_yaml import read_mergekit_config
 
     if args.config:

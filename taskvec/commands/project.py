@@ -146,7 +146,7 @@ def run(args) -> int:
 
     inputs = [x for x in (getattr(args, "model", None), args.task_vector, args.kernel, getattr(args, "data", None)) if x]
     check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # fail before the work, not after it
-    from ..merge.base import warn_extra_tensors
+    from ..checkpoints import warn_extra_tensors
     from ..ntk import KernelResult, finite_difference, jvp, match_direction, project, random_control
 
     model, output, examples, desc = load_setup(args)

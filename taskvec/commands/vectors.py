@@ -75,6 +75,8 @@ def run(args) -> int:
 
 
 def _print_summary(data: dict, out) -> None:
+    from ..checkpoints import warn_extra_tensors
+
     names = data["tasks"]
     sc = data["scope"]
     print(f"scope {data['config']['scope']}: {sc['n_tensors']} tensors, {sc['n_params']:,} parameters "
@@ -84,10 +86,8 @@ def _print_summary(data: dict, out) -> None:
     if len(sc["skipped"]) > 5:
         print(f"  … and {len(sc['skipped']) - 5} more skipped tensors (all listed in vectors.json under scope.skipped)")
     for n in names:
-        extra = data["alignment"][n].get("extra") or []
-        if extra:
-            print(f"  note: {n} holds {len(extra)} tensor(s) the base lacks (e.g. {extra[0]}), left out of τ: a "
-                  f"different architecture or an added head? (listed in vectors.json under alignment)")
+        warn_extra_tensors({n: data["alignment"][n].get("extra") or []}, "left out of τ",
+                           f"vectors.json under alignment/{n}/extra")
         if not data["global"][n]["norm"]:
             print(f"  note: τ of {n} is zero over this scope (the fine-tune equals the base there); its top-k "
                   f"masses, cosines and sign statistics are undefined (null)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import warnings
 from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -13,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..checkpoints import Checkpoint, align
-from ..errors import TaskvecError, TaskvecWarning
+from ..errors import TaskvecError
 
 RESCALES = {
     "l1": "mergekit: kept entries scaled so the tensor's L1 norm is preserved",
@@ -184,24 +183,6 @@ def align_finetunes(base: Checkpoint, fts: Sequence[Checkpoint], scope_names: Se
                                "pass the complete fine-tune, or restrict --scope to the tensors it has")
         alignments.append(al)
     return alignments
-
-
-def name_list(items, k: int = 5) -> str:
-    """The first `k` of `items`, comma-separated, and how many more there are."""
-    items = list(items)
-    return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
-
-
-def extra_tensors(finetunes: Sequence, alignments: Sequence) -> dict[str, list[str]]:
-    """Per fine-tune (by source), the tensors it holds beyond the base (an added head, extra layers), if any."""
-    return {ft.source: al.extra for ft, al in zip(finetunes, alignments) if al.extra}
-
-
-def warn_extra_tensors(extra: dict[str, list[str]], fate: str, listed: str) -> None:
-    """One TaskvecWarning per fine-tune of `extra_tensors`: what befell them (`fate`) and where they are `listed`."""
-    for src, names in extra.items():
-        warnings.warn(f"{src} holds {len(names)} tensor(s) the base lacks ({name_list(names, 3)}), {fate}: an "
-                      f"added head or a different architecture? (all listed in {listed})", TaskvecWarning, stacklevel=2)
 
 
 def tensor_seed(seed: int, name: str, model_index: int) -> int:

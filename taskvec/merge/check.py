@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import align, check_finite, open_checkpoint
+from ..checkpoints import align, check_finite, extra_tensors, name_list, open_checkpoint
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json
 from ..scope import group_of, resolve_scope
 from . import signatures as sig
-from .base import align_finetunes, extra_tensors, name_list, refuse_duplicate_finetunes
+from .base import align_finetunes, refuse_duplicate_finetunes
 from .retention import predicted_retention  # noqa: F401  (re-exported hook)
 
 SUBSAMPLE = 1 << 18   # subset fit / ratio modes on at most this many (strided) entries per tensor

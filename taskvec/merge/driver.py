@@ -20,13 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoints import Checkpoint, align, check_finite, open_checkpoint
+from ..checkpoints import Checkpoint, align, check_finite, extra_tensors, open_checkpoint
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
-from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, extra_tensors,
-                   refuse_duplicate_finetunes,
+from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, refuse_duplicate_finetunes,
                    refuse_same_content)
 from .ties import GlobalMagnitudeThreshold
 from .writer import SafetensorsWriter
