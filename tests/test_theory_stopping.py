@@ -117,6 +117,8 @@ def test_translation_to_optimiser_steps():
     assert abs(half["T_hat_steps"] - 2 * tr["T_hat_steps"]) <= 2
     adam = translate_to_training(mu, 0.3, lr=lr, batch_size=b, n=n, optimizer="adam")
     assert adam["approximate"] and "approximate" in adam["note"]
+    big = translate_to_training(mu, 0.3, lr=3.0, batch_size=b, n=n, optimizer="adam")  # α > 1/μ̂₁ as well
+    assert not big["assumption_step_ok"] and "approximate" in big["note"] and "does not apply" in big["note"]
     with pytest.raises(TaskvecError, match="batch size"):
         translate_to_training(mu, 0.3, lr=lr, batch_size=0, n=n)
 

@@ -267,10 +267,10 @@ def translate_to_training(mu, sigma: float, *, lr: float, batch_size: int, n: in
         "assumption": ("kernel regime: full-batch GD on the linearised model = kernel GD f ← f − α K̂(f − y); "
                        "SGD with batch b takes n/b such steps per epoch in expectation"),
     }
-    if not exact:
-        out["note"] = f"{optimizer} is adaptive: no exact kernel-GD counterpart; the step count uses α = {factor:g}·lr and is approximate"
-    elif not st["assumption_step_ok"]:
-        out["note"] = st.get("note")
+    notes = ([f"{optimizer} is adaptive: no exact kernel-GD counterpart; the step count uses α = {factor:g}·lr and "
+              "is approximate"] if not exact else []) + ([st.get("note")] if not st["assumption_step_ok"] else [])
+    if notes:
+        out["note"] = "; ".join(n for n in notes if n)
     return out
 
 
