@@ -224,6 +224,9 @@ class OutputFunction:
             self.m = head.m if kind != "margin" else 1
             if kind == "margin" and head.m < 2:
                 raise TaskvecError("output 'margin' needs a head with ≥ 2 classes")
+            if self.label_words and len(self.label_words) != head.m:
+                raise TaskvecError(f"{len(self.label_words)} label words {self.label_words} for a head with {head.m} "
+                                   f"classes; give one word per class, in the head's class order")
         elif kind in ("logits", "margin"):
             if not self.label_words or len(self.label_words) < 2:
                 raise TaskvecError(f"output {kind!r} on a causal LM needs ≥ 2 label words (--label-words)")

@@ -129,6 +129,10 @@ def test_bad_inputs(tmp_path):
     fl = make_output("logits", enc, etok, head=LinearHead(32, 3))
     with pytest.raises(TaskvecError, match="class label 5 outside"):
         fl.encode([{"text": "dull", "label": 5}])
+    with pytest.raises(TaskvecError, match=r"2 label words \['bad', 'good'\] for a head with 3 classes; give one "
+                                           "word per class"):
+        make_output("margin", enc, etok, head=LinearHead(32, 3), label_words=["bad", "good"])
+    assert make_output("margin", enc, etok, head=LinearHead(32, 3), label_words=["bad", "so-so", "good"]).m == 1
 
 
 def test_unknown_label_words_and_bad_max_length_are_refused():
