@@ -40,7 +40,8 @@ def test_theory_from_eigenvalues(tmp_path, capsys):
     assert set(res["rate_comparison"]) == {"decay_fit", "nonparametric"}
     assert {"eigenvalues.png", "stopping_rule.pdf", "rates.png"} <= {p.name for p in out.iterdir()}
     assert res["inputs"]["eigenvalues"]["sha256"]
-    assert "T̂" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "T̂" in printed and f"trained 3 epochs = {3 / tr['epochs']:.3g}× the prediction" in printed
 
 
 def test_theory_from_kernel_and_targets_estimates_sigma_and_radius(tmp_path):

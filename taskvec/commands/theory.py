@@ -347,7 +347,11 @@ def _print_summary(res: dict, out: Path) -> None:
     if "training" in res:
         t = res["training"]
         ep = "n/a" if t["epochs"] is None else f"{t['epochs']:.3g}"
-        print(f"training: T̂ = {t['T_hat_steps']} optimiser steps = {ep} epochs" + (" (approximate)" if t["approximate"] else ""))
+        trained = ""
+        if t.get("trained_over_predicted") is not None:
+            trained = f"; trained {t['epochs_trained']:g} epochs = {t['trained_over_predicted']:.3g}× the prediction"
+        print(f"training: T̂ = {t['T_hat_steps']} optimiser steps = {ep} epochs" +
+              (" (approximate)" if t["approximate"] else "") + trained)
     if "kernel_predictors" in res:
         k = res["kernel_predictors"]
         print(f"kernel GD on held-out probes: MSE {k['test_mse_at_start']:.4g} at θ₀ → {k['test_mse_at_T_hat']:.4g} at T̂={k['T_hat']} "
