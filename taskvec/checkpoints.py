@@ -1063,6 +1063,7 @@ def write_safetensors(path, specs: dict[str, tuple[tuple, torch.dtype]], produce
                 t = t.detach().contiguous().cpu()
                 if t.numel():
                     fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                del t  # one tensor in memory: drop it before the next is produced
                 if progress is not None:
                     progress.update(1)
     return path

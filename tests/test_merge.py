@@ -317,21 +317,6 @@ def test_trim_keeps_at_least_one_entry_like_mergekit():
     assert trim_magnitude(y, 1.0) is y
 
 
-def test_streaming_safetensors_writer_round_trips(tmp_path):
-    from taskvec.merge.writer import SafetensorsWriter
-
-    ts = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7), "c": torch.tensor(2.5),
-          "d": torch.zeros(0, 4), "e": torch.tensor([True, False])}
-    plan = [(k, v.dtype, tuple(v.shape)) for k, v in ts.items()]
-    with SafetensorsWriter(tmp_path / "x.safetensors", plan) as w:
-        for k, v in ts.items():
-            w.write(k, v)
-    back = load_file(tmp_path / "x.safetensors")
-    assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) for k in ts)
-    with pytest.raises(ValueError, match="expected a"):
-        SafetensorsWriter(tmp_path / "y.safetensors", plan).write("b", ts["b"])
-
-
 def test_lora_adapter_as_finetune_matches_peft_merge(tmp_path):
     """A PEFT LoRA folder is a fine-tune θ₀ + ΔW: task arithmetic with weight 1 equals peft's merge_and_unload."""
     from peft import LoraConfig, get_peft_model

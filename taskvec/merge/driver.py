@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoints import Checkpoint, align, check_finite, extra_tensors, open_checkpoint
+from ..checkpoints import Checkpoint, align, check_finite, extra_tensors, open_checkpoint, write_safetensors
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json, check_out_dir
 from ..scope import resolve_scope
@@ -28,7 +28,6 @@ from . import get_method
 from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, refuse_duplicate_finetunes,
                    refuse_same_content)
 from .ties import GlobalMagnitudeThreshold
-from .writer import SafetensorsWriter
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json", "adapter_config.json", "taskvec_merge.json")
@@ -168,21 +167,22 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
         bar = tqdm(total=len(names), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-            plan = [(n, out_dtypes[n], tuple(base.shape(n))) for n in shard]
-            with SafetensorsWriter(tmp / fname, plan) as writer:
-                for name in shard:
-                    if name in in_scope:
-                        b, ft_ts = tensors(name)
-                        t = method.combine(b, ft_ts, params, TensorContext(name=name, thresholds=thresholds))
-                        del b, ft_ts
-                    else:
-                        t = _read_base(base, name, merged=False)
-                    t = _cast(t, out_dtypes[name], name, name in in_scope)
-                    writer.write(name, t)
-                    weight_map[name] = fname
-                    total += t.numel() * t.element_size()
-                    del t
-                    bar.update(1)
+
+            def produce(name, fname=fname):
+                nonlocal total
+                if name in in_scope:
+                    b, ft_ts = tensors(name)
+                    t = method.combine(b, ft_ts, params, TensorContext(name=name, thresholds=thresholds))
+                    del b, ft_ts
+                else:
+                    t = _read_base(base, name, merged=False)
+                t = _cast(t, out_dtypes[name], name, name in in_scope)
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+                return t
+
+            write_safetensors(tmp / fname, {n: (tuple(base.shape(n)), out_dtypes[n]) for n in shard}, produce,
+                              metadata={"format": "pt"}, progress=bar)
         bar.close()
         if n_shards > 1:
             atomic_write_json(tmp / "model.safetensors.index.json",
