@@ -345,6 +345,27 @@ def test_causal_lm_margin_and_logits_with_label_words(tmp_path, capsys):
     assert "--label-words" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
+def test_bad_output_options_fail_before_the_tensor_pass(tmp_path, capsys, monkeypatch):
+    """check-merge --data with output options the model cannot take (one label word for a causal LM's margin)
+    says so before reading a single tensor, and writes nothing."""
+    import taskvec.merge.check as check
+
+    tok = tiny_tokenizer()
+    base = tiny_model("gpt2", seed=0)
+    save_hf(base, tmp_path / "base", tok)
+    fts = [save_hf(perturbed(base, scale=2e-4, seed=80 + t), tmp_path / f"ft{t}") for t in range(2)]
+    data = [_jsonl(tmp_path / f"d{t}.jsonl", [{"text": "the cat", "label": " the"}]) for t in range(2)]
+
+    def no_tensor_pass(*a, **k):
+        raise AssertionError("the tensor pass ran before the output options were checked")
+
+    monkeypatch.setattr(check, "check_merge", no_tensor_pass)
+    assert main(["check-merge", "--base", str(tmp_path / "base"), "--merged", str(fts[0]), *map(str, fts),
+                 "--out", str(tmp_path / "c"), "--no-progress", "--data", *map(str, data), "--output", "margin",
+                 "--label-words", " the"]) == 2
+    assert "≥ 2 label words" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
 def test_a_merge_equal_to_the_base_skips_retention_and_zero_changes_are_said_in_words(coll, tmp_path, capsys):
     """θ_m = θ₀: check-merge --data reports 'unchanged' and one 'retention_skipped', not a retention warning
     of 'off by nan%'. The verdicts themselves never print nan: with no change predicted or measured there is

@@ -88,7 +88,12 @@ def run(args) -> int:
     if args.data is not None:
         from ..merge.retention_data import read_task_data
 
-        read_task_data(args.data, args.output)  # bad JSONL fails before the (long) tensor check
+        from ..merge.retention_data import retention_outputs
+
+        read_task_data(args.data, args.output)  # bad JSONL or output options fail before the (long) tensor check
+        outputs = retention_outputs(args.base, args.finetunes, output=args.output, head=args.head,
+                                    label_words=args.label_words.split(",") if args.label_words else None,
+                                    max_length=args.max_length)
     rep = check_merge(args.base, args.merged, args.finetunes, scope=args.scope, progress=not args.no_progress,
                       names=names)
     skipped = _retention_skipped(rep) if args.data is not None else None
@@ -99,9 +104,8 @@ def run(args) -> int:
 
         rep["retention"] = retention_from_paths(
             args.base, args.merged, args.finetunes, args.data, rep["lambda_global"], output=args.output,
-            head=args.head, label_words=args.label_words.split(",") if args.label_words else None,
-            max_length=args.max_length, scope=args.scope, batch_size=args.batch_size,
-            progress=not args.no_progress, names=names)
+            scope=args.scope, batch_size=args.batch_size, progress=not args.no_progress, names=names,
+            outputs=outputs)
         rep["findings"] = rep["findings"] + verdicts(rep["retention"])
     path = write_check(rep, args.out,
                        extra=(lambda d: retention_figure(rep["retention"], d)) if "retention" in rep else None,

@@ -160,31 +160,18 @@ def merge_retention(model, outputs: Sequence, sets: Sequence[Sequence[Mapping]],
     return {"lambdas": lam.tolist(), "tasks": out}
 
 
-def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lambdas: Sequence[float], *,
-                         output: str, head=None, label_words: Sequence[str] | None = None,
-                         max_length: int | None = None, scope: str = "all",
-                         batch_size: int = 32, progress: bool = True, names: Sequence[str] | None = None) -> dict:
-    """`merge_retention` from model folders and JSONL files (what `taskvec check-merge --data` runs).
-    Tasks are called `names` (default: the shortest path suffixes that tell the fine-tunes apart).
+def retention_outputs(base, finetunes: Sequence, *, output: str, head=None,
+                      label_words: Sequence[str] | None = None, max_length: int | None = None) -> list:
+    """One output function per fine-tune on the base model (loaded once); building them checks the
+    output options (head, label words, max length), so a caller can fail fast before a long pass.
 
     The head of task A (encoders): `head` when given, else the one saved beside fine-tune A, else the
-    one beside the base. `label_words`: the classes of logits / margin on a causal LM (as `make_output`
-    takes them). τ_t and θ_m − θ₀ are taken over `scope` (the check's), so with the default
-    'all' the measured change is that of the merged model itself.
-    """
+    one beside the base. `label_words`: the classes of logits / margin (as `make_output` takes them)."""
     import torch
 
-    from ..checkpoints import match_parameter_names
-    from ..io import sha256_file
     from ..models import load_model, load_tokenizer
     from ..outputs import LinearHead, make_output, read_head_beside
-    from ..vectors import TaskVector
 
-    finetunes, data = list(finetunes), list(data)
-    if len(data) != len(finetunes):
-        raise TaskvecError(f"--data gives {len(data)} JSONL file(s) but there are {len(finetunes)} fine-tunes; "
-                           "give one evaluation set per fine-tune, in the same order")
-    sets = read_task_data(data, output)
     model = load_model(base, dtype=torch.float32)
     tok = load_tokenizer(base)
     fixed = LinearHead.load(head) if head is not None else None
@@ -194,6 +181,34 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
         own = fixed if fixed is not None else read_head_beside(ft)
         outputs.append(make_output(output, model, tok, head=own if own is not None else base_head,
                                    label_words=label_words, max_length=max_length))
+    return outputs
+
+
+def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lambdas: Sequence[float], *,
+                         output: str, head=None, label_words: Sequence[str] | None = None,
+                         max_length: int | None = None, scope: str = "all",
+                         batch_size: int = 32, progress: bool = True, names: Sequence[str] | None = None,
+                         outputs: Sequence | None = None) -> dict:
+    """`merge_retention` from model folders and JSONL files (what `taskvec check-merge --data` runs).
+    Tasks are called `names` (default: the shortest path suffixes that tell the fine-tunes apart).
+
+    `outputs`: from `retention_outputs` (built here from output/head/label_words/max_length when not
+    given). τ_t and θ_m − θ₀ are taken over `scope` (the check's), so with the default 'all' the
+    measured change is that of the merged model itself.
+    """
+    from ..checkpoints import match_parameter_names
+    from ..io import sha256_file
+    from ..vectors import TaskVector
+
+    finetunes, data = list(finetunes), list(data)
+    if len(data) != len(finetunes):
+        raise TaskvecError(f"--data gives {len(data)} JSONL file(s) but there are {len(finetunes)} fine-tunes; "
+                           "give one evaluation set per fine-tune, in the same order")
+    sets = read_task_data(data, output)
+    if outputs is None:
+        outputs = retention_outputs(base, finetunes, output=output, head=head, label_words=label_words,
+                                    max_length=max_length)
+    model = outputs[0].model
     vectors = [TaskVector.from_checkpoints(base, ft, scope=scope, progress=progress) for ft in finetunes]
     delta = TaskVector.from_checkpoints(base, merged, scope=scope, progress=progress)
     # tensors f does not use (e.g. a BERT pooler: f mean-pools the last hidden state) are left out
