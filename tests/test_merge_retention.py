@@ -387,3 +387,10 @@ def test_a_merge_equal_to_the_base_skips_retention_and_zero_changes_are_said_in_
     claimed = verdicts(retention_from_paths(base, same, fts, data, [0.7, 0.4], output="regression", progress=False))
     assert [v["level"] for v in claimed] == ["warning", "warning"]
     assert all("but measured change of norm 0;" in v["message"] and "nan" not in v["message"] for v in claimed)
+    # a fine-tune equal to the base moves none of its task's outputs on its own: retention and interference
+    # (ratios to that change) are said to be undefined, next to how well the merge's change was predicted
+    idle = verdicts(retention_from_paths(base, merged, [same, fts[1]], data, [0.7, 0.4], output="regression",
+                                         progress=False, names=["same", "ft1"]))
+    assert "retention and interference not defined" in idle[0]["message"]
+    assert "predicted change off by" in idle[0]["message"] and "nan" not in idle[0]["message"]
+    assert "retention predicted" in idle[1]["message"]

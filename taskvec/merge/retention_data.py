@@ -267,11 +267,17 @@ def _comparison(r: dict) -> tuple[str, str]:
     if pred == 0 or meas == 0:
         return "warning", f"predicted change of norm {pred:.4g} but measured change of norm {meas:.4g}"
     err = r["relative_error"]
-    return ("ok" if err <= POOR_FIT else "warning"), (
+    fit = f"predicted change off by {100 * err:.3g}% (cosine {r['cosine']:.4f}, slope {r['slope']:.3g})"
+    level = "ok" if err <= POOR_FIT else "warning"
+    own_pred = float(np.linalg.norm(r["own_predicted_change"]))
+    own_meas = float(np.linalg.norm(r["own_measured_change"]))
+    if own_pred == 0 or own_meas == 0:  # retention and interference are ratios to the fine-tune's own change
+        return level, ("retention and interference not defined: the fine-tune alone moves none of this task's "
+                       f"outputs (its own change has norm {own_pred:.4g} predicted, {own_meas:.4g} measured); {fit}")
+    return level, (
         f"retention predicted {r['predicted_retention']:.4g} / measured {r['measured_retention']:.4g} "
         f"(vs fine-tune alone {r['measured_retention_vs_finetune']:.4g}); interference predicted "
-        f"{r['predicted_interference']:.4g} / measured {r['measured_interference']:.4g}; "
-        f"predicted change off by {100 * err:.3g}% (cosine {r['cosine']:.4f}, slope {r['slope']:.3g})")
+        f"{r['predicted_interference']:.4g} / measured {r['measured_interference']:.4g}; {fit}")
 
 
 def retention_figure(retention: dict, out_dir) -> list[Path]:
