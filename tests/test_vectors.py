@@ -174,3 +174,29 @@ def test_vectors_command_top_k_given_twice_counts_once(tmp_path, capsys):
     st = collection_stats(tmp_path / "base", [tmp_path / "ft"], top_k_percent=(1, 1.0, 10), spectra_max_dim=0,
                           progress=False).to_dict()
     assert st["config"]["top_k_percent"] == [1.0, 10.0] and list(st["global"]["ft"]["top_mass"]) == ["1", "10"]
+
+
+def test_cli_dtype_float64_and_its_alias(tmp_path, capsys):
+    """`--dtype float64` (and the older `--float64`) compute τ in float64; the norms agree with float32's to
+    float32 rounding and with a direct float64 subtraction to 1e-12."""
+    import json
+
+    from taskvec.cli import main
+    from tiny import perturbed
+
+    base = tiny_model("gpt2")
+    ft = perturbed(base, seed=2)
+    save_hf(base, tmp_path / "base")
+    save_hf(ft, tmp_path / "ft")
+    want = float(sum(((p.detach().double() - q.detach().double()) ** 2).sum()
+                         for p, q in zip(ft.transformer.h.parameters(), base.transformer.h.parameters()))) ** 0.5
+    got = {}
+    for flags in (["--dtype", "float64"], ["--float64"], []):
+        out = tmp_path / ("v" + "".join(flags))
+        assert main(["vectors", str(tmp_path / "base"), str(tmp_path / "ft"), "--scope", r"^(transformer\.)?h\.",
+                     "--basic", "--no-figures", "--no-progress", "--out", str(out), *flags]) == 0
+        data = json.loads((out / "vectors.json").read_text())
+        got[data["config"]["dtype"], bool(flags)] = data["global"]["ft"]["norm"]
+    assert set(got) == {("float64", True), ("float32", False)}
+    assert got["float64", True] == pytest.approx(want, rel=1e-12)
+    assert got["float32", False] == pytest.approx(want, rel=1e-6)

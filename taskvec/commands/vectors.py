@@ -27,7 +27,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-singular", type=int, default=8, help="top singular values stored per tensor (default 8)")
     p.add_argument("--basic", action="store_true",
                    help="norms, relative norms and cosines only (one pass; no top-k, sign, mask or spectral statistics)")
-    p.add_argument("--float64", action="store_true", help="compute τ in float64 (default float32)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="arithmetic dtype of τ (default float32; statistics accumulate in float64 either way)")
+    p.add_argument("--float64", dest="dtype", action="store_const", const="float64",
+                   help="same as --dtype float64")
     p.add_argument("--no-figures", action="store_true", help="write vectors.json only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.add_argument("--allow-network", action="store_true", help="allow downloading hub ids")
@@ -57,7 +60,7 @@ def run(args) -> int:
         raise TaskvecError(f"--n-singular {args.n_singular} must be ≥ 1")
     stats = collection_stats(args.base, args.fts, names, scope=args.scope, top_k_percent=ks,
                              spectra_max_dim=args.spectra_max_dim, n_singular=args.n_singular,
-                             dtype=torch.float64 if args.float64 else torch.float32, progress=not args.no_progress,
+                             dtype=getattr(torch, args.dtype), progress=not args.no_progress,
                              allow_network=args.allow_network, basic=args.basic)
     data = stats.to_dict()
     with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:
