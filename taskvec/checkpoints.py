@@ -1069,6 +1069,11 @@ def write_safetensors(path, specs: dict[str, tuple[tuple, torch.dtype]], produce
     return path
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 tensor', '3 tensors': a count with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def name_list(items, k: int = 5) -> str:
     """The first `k` of `items`, comma-separated, and how many more there are."""
     items = list(items)

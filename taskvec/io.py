@@ -118,6 +118,8 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
     """
     from .errors import TaskvecError
 
+    if not str(path).strip():
+        raise TaskvecError("--out is empty; give the name of a new folder (e.g. --out results)")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TaskvecError(f"{path} is a file, not a folder; choose another --out")

@@ -29,6 +29,7 @@ import math
 import os
 import queue
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import Checkpoint, check_finite, open_checkpoint
-from .errors import TaskvecError
+from .checkpoints import Checkpoint, check_finite, counted, name_list, open_checkpoint
+from .errors import TaskvecError, TaskvecWarning
 from .scope import group_of, layer_of
 from .vectors import default_task_names, extract_pairs
 
@@ -212,11 +213,17 @@ def _resolve_inputs(base, fts, names, scope, allow_network):
         names = default_task_names([f.source for f in fts])
     names = list(names)
     if len(names) != len(fts):
-        raise TaskvecError(f"--names has {len(names)} entries for {len(fts)} fine-tunes; give one name per fine-tune")
+        raise TaskvecError(f"--names has {counted(len(names), 'name')} for {counted(len(fts), 'fine-tune')}; give one name per fine-tune")
     if any(not n for n in names):
         raise TaskvecError(f"task names must be non-empty (got {names}); pass --names a,b,… with one name per fine-tune")
     if len(set(names)) != len(names):
         raise TaskvecError(f"task names must be distinct (got {names}); pass --names a,b,…")
+    seen = {}
+    for f, name in zip(fts, names):
+        first = seen.setdefault(tuple(sorted(Path(x).resolve() for x in f.files)), name)
+        if first != name:
+            warnings.warn(f"{f.source} is given twice (as {first} and {name}); their task vectors are identical "
+                          "(cosine 1)", TaskvecWarning, stacklevel=3)
     aligned = [extract_pairs(base, f, scope) for f in fts]
     in_scope = aligned[0][1]
     out_of_scope = aligned[0][2]
@@ -317,6 +324,13 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
             work.append(n)
     if not work:
         raise TaskvecError(f"no tensor in scope {scope!r} is present in every fine-tune; check --scope and the inputs")
+    for t, name in enumerate(names):
+        gone = [n for n, why in skipped.items() if name in why[len("missing in "):].split(", ")]
+        if gone:
+            warnings.warn(f"{counted(len(gone), 'tensor')} in scope missing in {name} ({fts[t].source}): "
+                          f"{name_list(gone)}; left out of every task's statistics (all listed in vectors.json "
+                          "under scope.skipped; narrow --scope to leave them out on purpose)", TaskvecWarning,
+                          stacklevel=3)
     max_numel = 0
     total_bytes = 0
     for n in work:

@@ -394,3 +394,15 @@ def test_a_merge_equal_to_the_base_skips_retention_and_zero_changes_are_said_in_
     assert "retention and interference not defined" in idle[0]["message"]
     assert "predicted change off by" in idle[0]["message"] and "nan" not in idle[0]["message"]
     assert "retention predicted" in idle[1]["message"]
+
+
+def test_finetunes_after_data_are_named_not_a_usage_dump(tmp_path, capsys):
+    """`--data a.jsonl b.jsonl ft1 ft2` swallows the fine-tunes: the error says so and how to order them."""
+    base = save_hf(tiny_model("gpt2", seed=0), tmp_path / "base", tiny_tokenizer())
+    assert main(["check-merge", "--base", str(base), "--merged", str(base), "--out", str(tmp_path / "c"),
+                 "--output", "regression", "--data", "a.jsonl", "b.jsonl", "ft1", "ft2"]) == 2
+    err = capsys.readouterr().err
+    assert "--data took every path after it (a.jsonl, b.jsonl, ft1, ft2); list the fine-tunes before --data" in err
+    assert "usage:" not in err and not (tmp_path / "c").exists()
+    assert main(["check-merge", "--base", str(base), "--merged", str(base), "--out", str(tmp_path / "c")]) == 2
+    assert "no fine-tuned models given; list the fine-tunes" in capsys.readouterr().err

@@ -228,7 +228,18 @@ def test_cli_vectors_names_zero_and_skipped_and_refuses_bad_numbers(gpt2_coll, t
     torch.save(sd, tmp_path / "partial.pt")
     assert main(["vectors", str(c["base"]), str(tmp_path / "partial.pt"), "--out", str(tmp_path / "p"),
                  "--no-progress", "--no-figures"]) == 0
-    assert "skipped transformer.h.1.mlp.c_proj.weight: missing in partial" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "(1 tensor out of scope, 1 skipped)" in out  # a count of one in the singular
+    assert ("taskvec vectors: warning: 1 tensor in scope missing in partial.pt (" in err
+            and "): transformer.h.1.mlp.c_proj.weight; left out of every task's statistics" in err)
+    rec = json.loads((tmp_path / "p" / "vectors.json").read_text())["scope"]["skipped"]
+    assert rec == {"transformer.h.1.mlp.c_proj.weight": "missing in partial.pt"}
+    # the same fine-tune twice is worth a word (its τ's are identical), not a refusal
+    assert main(["vectors", str(c["base"]), str(c["ft"][0]), str(c["ft"][0]), "--names", "x,y",
+                 "--out", str(tmp_path / "twice"), "--no-progress", "--no-figures", "--basic"]) == 0
+    assert f"warning: {c['ft'][0]} is given twice (as x and y)" in capsys.readouterr().err
+    assert main(["vectors", str(c["base"]), str(c["ft"][0]), "--out", "", "--no-progress"]) == 2
+    assert "--out is empty" in capsys.readouterr().err
     sd = state(tiny_model("gpt2"))
     sd["transformer.h.9.mlp.c_fc.bias"] = torch.zeros(4)  # a layer the base lacks
     torch.save(sd, tmp_path / "deeper.pt")

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
                     "JSONL evaluation set per fine-tune) also the eNTK-predicted change of each task's outputs, "
                     "Σ_t λ_t J_A τ_t, next to the measured f_A(θ_m) − f_A(θ₀) (check.json 'retention', "
                     "DIR/check_merge_retention.png/.pdf).")
-    p.add_argument("finetunes", nargs="+", metavar="FT", help="the fine-tuned models the merge was made from")
+    p.add_argument("finetunes", nargs="*", metavar="FT",
+                   help="the fine-tuned models the merge was made from; list them before --data")
     p.add_argument("--base", required=True, help="the base (pretrained) model")
     p.add_argument("--merged", required=True, help="the merged model to check")
     p.add_argument("--out", required=True, help="report folder (check.json + figure)")
@@ -28,7 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g = p.add_argument_group("per-task retention (needs --data)")
     g.add_argument("--data", nargs="+", default=None, metavar="JSONL",
-                   help="one evaluation set per fine-tune, same order ({text, label} or {prompt, target} per line); "
+                   help="one evaluation set per fine-tune, same order ({text, label} or {prompt, target} per line; "
+                        "it takes every path after it, so list the fine-tunes first); "
                         "τ_t and θ_m − θ₀ are taken over --scope (default all: the merged model itself)")
     g.add_argument("--output", default=None, choices=OUTPUT_KINDS,
                    help="output function f(x; θ) (required with --data)")
@@ -70,6 +72,10 @@ def run(args) -> int:
     from ..checkpoints import warn_extra_tensors
     from ..merge.check import check_merge, write_check
 
+    if not args.finetunes:
+        raise TaskvecError("no fine-tuned models given" + (
+            f": --data took every path after it ({', '.join(args.data)}); list the fine-tunes before --data"
+            if args.data else "; list the fine-tunes the merge was made from (FT …)"))
     _check_numbers(args)
     inputs = [args.base, args.merged, *args.finetunes, *(args.data or [])]
     check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before the long tensor pass, not after it

@@ -78,16 +78,12 @@ def run(args) -> int:
 
 
 def _print_summary(data: dict, out) -> None:
-    from ..checkpoints import warn_extra_tensors
+    from ..checkpoints import counted, warn_extra_tensors
 
     names = data["tasks"]
     sc = data["scope"]
-    print(f"scope {data['config']['scope']}: {sc['n_tensors']} tensors, {sc['n_params']:,} parameters "
-          f"({len(sc['out_of_scope'])} tensors out of scope, {len(sc['skipped'])} skipped)")
-    for name, why in list(sc["skipped"].items())[:5]:
-        print(f"  skipped {name}: {why}")
-    if len(sc["skipped"]) > 5:
-        print(f"  … and {len(sc['skipped']) - 5} more skipped tensors (all listed in vectors.json under scope.skipped)")
+    print(f"scope {data['config']['scope']}: {counted(sc['n_tensors'], 'tensor')}, {sc['n_params']:,} parameters "
+          f"({counted(len(sc['out_of_scope']), 'tensor')} out of scope, {len(sc['skipped'])} skipped)")
     for n in names:
         warn_extra_tensors({n: data["alignment"][n].get("extra") or []}, "left out of τ",
                            f"vectors.json under alignment/{n}/extra")

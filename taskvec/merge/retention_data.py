@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..checkpoints import counted
 from ..errors import TaskvecError
 from .retention import predicted_retention
 
@@ -234,7 +235,7 @@ def task_names(finetunes: Sequence, names: Sequence[str] | None = None) -> list[
         return default_task_names([str(f) for f in finetunes])
     names = [str(n) for n in names]
     if len(names) != len(finetunes):
-        raise TaskvecError(f"--names has {len(names)} entries for {len(finetunes)} fine-tunes; give one name per "
+        raise TaskvecError(f"--names has {counted(len(names), 'name')} for {counted(len(finetunes), 'fine-tune')}; give one name per "
                            "fine-tune, in the same order")
     if len(set(names)) != len(names) or not all(names):
         raise TaskvecError(f"task names must be distinct and non-empty (got {names})")
