@@ -744,7 +744,24 @@ def _open_folder(folder: Path) -> Checkpoint:
         raise TaskvecError(f"{folder}: several weight files ({', '.join(p.name for p in others)}) and no index; "
                            "pass the file you mean")
     raise TaskvecError(f"{folder}: no model weights found (expected model.safetensors, a *.index.json, "
-                       "pytorch_model.bin, a .gguf file or a PEFT adapter); is this the right folder?")
+                       "pytorch_model.bin, a .gguf file or a PEFT adapter); " + _where_the_weights_are(folder))
+
+
+def _where_the_weights_are(folder: Path) -> str:
+    """A hint for a folder that holds no weights itself: the checkpoints inside a taskvec collection, or
+    model folders one level down."""
+    ckpts = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    if (folder / "collection.json").is_file() or (folder / "runs").is_dir():
+        return (f"this is a taskvec collection: its checkpoints are {folder / 'runs'}/<task>/checkpoints/"
+                "<epoch-N> (or run 'taskvec analyze' on the collection itself)")
+    epochs = sorted(p.name for p in ckpts.glob("epoch-*") if p.is_dir())
+    if epochs:
+        return f"its checkpoints are the folders {ckpts}/{{{','.join(epochs)}}}; pass one of them"
+    subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(
+        (p / f).exists() for f in ("config.json", "model.safetensors", "adapter_config.json")))
+    if subs:
+        return f"the model folders are one level down ({name_list(subs)}); pass one of them"
+    return "is this the right folder?"
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")

@@ -165,8 +165,22 @@ def test_truncated_safetensors(tmp_path):
 
 def test_empty_folder_and_missing_path(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TaskvecError, match="no model weights found"):
+    with pytest.raises(TaskvecError, match="no model weights found.*is this the right folder"):
         open_checkpoint(tmp_path / "empty")
+    # folders above the weights (a taskvec collection, a run, its checkpoints, a folder of models) point down
+    col = tmp_path / "col"
+    for e in ("epoch-1", "epoch-2"):
+        save_hf(tiny_model("gpt2"), col / "runs" / "a" / "checkpoints" / e)
+    (col / "collection.json").write_text("{}")
+    with pytest.raises(TaskvecError, match=r"taskvec collection: its checkpoints are .*runs/<task>/checkpoints/"):
+        open_checkpoint(col)
+    for where in (col / "runs" / "a", col / "runs" / "a" / "checkpoints"):
+        with pytest.raises(TaskvecError, match=r"its checkpoints are the folders .*checkpoints/\{epoch-1,epoch-2\}"):
+            open_checkpoint(where)
+    for m in ("base", "ft"):
+        save_hf(tiny_model("gpt2"), tmp_path / "models" / m)
+    with pytest.raises(TaskvecError, match=r"model folders are one level down \(base, ft\); pass one of them"):
+        open_checkpoint(tmp_path / "models")
     with pytest.raises(TaskvecError, match="no such file"):
         open_checkpoint(tmp_path / "nope")
     with pytest.raises(TaskvecError, match="not in the local Hugging Face cache"):
