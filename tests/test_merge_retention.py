@@ -276,7 +276,7 @@ def test_names_and_an_unlabeled_line_are_reported(coll, tmp_path, capsys):
     assert f"no task metric: 1 of 2 examples in {partial} have no label" in printed
     assert main(["check-merge", "--base", str(base), "--merged", str(merged), *map(str, fts), "--out",
                  str(tmp_path / "bad"), "--names", "only-one", "--no-progress"]) == 2
-    assert "--names has 1 entries for 2 fine-tunes" in capsys.readouterr().err
+    assert "--names has 1 name for 2 fine-tunes" in capsys.readouterr().err
 
 
 def test_a_merge_holding_nan_is_reported_not_refused_when_data_is_given(tmp_path, capsys):

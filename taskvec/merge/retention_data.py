@@ -292,16 +292,28 @@ def retention_figure(retention: dict, out_dir) -> list[Path]:
     with paper_style():
         width = min(DOUBLE_COLUMN_IN, SINGLE_COLUMN_IN * 0.75 * len(tasks))
         fig, axes = plt.subplots(1, len(tasks), figsize=(width, 2.4), squeeze=False)
+        # one power of ten for every panel, written in the axis labels (matplotlib's offset text collides
+        # with the x label, and the y label is on the first panel only)
+        peak = max((float(np.max(np.abs(np.ravel(r[k])))) for r in retention["tasks"].values()
+                    for k in ("measured_change", "predicted_change") if np.size(r[k])), default=0.0)
+        e = int(np.floor(np.log10(peak))) if np.isfinite(peak) and peak > 0 and not 1e-2 <= peak < 1e3 else 0
+        unit = f" (×1e{e})" if e else ""
         for k, (ax, name) in enumerate(zip(axes[0], tasks)):
             r = retention["tasks"][name]
-            x, y = np.ravel(r["measured_change"]), np.ravel(r["predicted_change"])
+            x, y = np.ravel(r["measured_change"]) / 10.0 ** e, np.ravel(r["predicted_change"]) / 10.0 ** e
             lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
             ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--")
             ax.scatter(x, y, s=6, color=PALETTE[k % len(PALETTE)])
-            ax.set_title(f"{name}\nretention pred. {r['predicted_retention']:.3g} / meas. {r['measured_retention']:.3g}")
+            ax.set_title(f"{name}\nretention pred. {_fmt(r['predicted_retention'])} / "
+                         f"meas. {_fmt(r['measured_retention'])}")
             ax.xaxis.set_major_locator(MaxNLocator(4))
-            ax.ticklabel_format(style="sci", scilimits=(-2, 3))
-            ax.set_xlabel("measured f(θ_m) − f(θ₀)", labelpad=8)
+            ax.set_xlabel(f"measured f(θ_m) − f(θ₀){unit}")
             if k == 0:
-                ax.set_ylabel("predicted Σλ_t Jτ_t")
+                ax.set_ylabel(f"predicted Σλ_t Jτ_t{unit}")
+        fig.tight_layout()
         return save_figure(fig, out_dir, "check_merge_retention")
+
+
+def _fmt(x: float) -> str:
+    """A ratio for a figure title: 3 significant digits, 'n/a' where it is undefined (a zero own change)."""
+    return f"{x:.3g}" if np.isfinite(x) else "n/a"

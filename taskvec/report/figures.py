@@ -108,7 +108,8 @@ def stopping(results):
         ax.set_xlabel("epoch")
         ax.legend(frameon=False, fontsize=5)
     axes[0][0].set_ylabel(th[tasks[0]].get("metric", "metric"))
-    fig.suptitle("Early stopping: RWY stopping time (dashed) vs best validation epoch (dotted)", fontsize=8)
+    fig.suptitle("Early stopping: RWY stopping time T̂ (dashed; → when beyond the epochs shown) vs best "
+                 "validation epoch (dotted)", fontsize=8)
     return fig
 
 
@@ -178,9 +179,13 @@ def interference(results):
     I = ar["interference"]
     fig, axes = plt.subplots(1, 3, figsize=(DOUBLE_COLUMN_IN, 2.4), layout="constrained")
     M, P = np.asarray(I["measured_delta"], float), np.asarray(I["predicted_delta"], float)
-    lim = max(np.nanmax(np.abs(M)), np.nanmax(np.abs(P)), 1e-12)
+    off = ~np.eye(len(tasks), dtype=bool)
+    M, P = np.where(off, M, np.nan), np.where(off, P, np.nan)  # A with itself is no interference: grey in both
+    lim = max(np.nanmax(np.abs(M)), np.nanmax(np.abs(P)), 1e-12) if off.any() else 1e-12
+    cmap = plt.get_cmap("RdBu_r").copy()
+    cmap.set_bad("0.85")
     for ax, A, title in ((axes[0], P, "predicted (linearised)"), (axes[1], M, "measured")):
-        im = ax.imshow(A, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        im = ax.imshow(A, cmap=cmap, vmin=-lim, vmax=lim)
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
         ax.set_yticks(range(len(tasks)), tasks)
         ax.set_xlabel("added τ_B")
@@ -188,7 +193,6 @@ def interference(results):
         ax.grid(False)
     axes[0].set_ylabel("task A")
     fig.colorbar(im, ax=axes[1], shrink=0.8, label=f"Δ{metric_label(results)} of A")
-    off = ~np.eye(len(tasks), dtype=bool)
     axes[2].plot(P[off], M[off], "o", color=PALETTE[0], ms=3)
     lo, hi = min(P[off].min(), M[off].min()), max(P[off].max(), M[off].max())
     axes[2].plot([lo, hi], [lo, hi], "k--", lw=0.7)
