@@ -319,3 +319,12 @@ def test_small_tensor_with_a_spurious_ratio_mode_is_not_a_misfit():
     assert "tensors_do_not_fit" not in kinds(rep), kinds(rep)["tensors_do_not_fit"]["message"]
     row = next(r for r in rep["tensors"] if r["name"] == "encoder.layer.5.output.LayerNorm.bias")
     assert row["explained_fraction"] > 0.95 and min(row["kept_fraction"]) > 0.05
+
+
+def test_printed_lambdas_drop_rounding_noise():
+    """check-merge prints a λ that is float noise beside the others (−5e-17 next to 1) as 0, not −5.24e-17."""
+    from taskvec.commands.check_merge import _lambda_text
+
+    lam = [1.0, -5.24e-17, 0.3, 2e-6]
+    assert [_lambda_text(x, lam) for x in lam] == ["1", "0", "0.3", "2e-06"]
+    assert [_lambda_text(x, [0.0, 0.0]) for x in (0.0, 0.0)] == ["0", "0"]

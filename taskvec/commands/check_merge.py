@@ -118,9 +118,15 @@ def run(args) -> int:
                        overwrite=args.overwrite, inputs=inputs)
     warn_extra_tensors(rep["finetune_extra_tensors"], "not checked", "check.json under finetune_extra_tensors")
     lam = rep["lambda_global"]
-    lam_txt = "λ not determined" if lam is None else f"λ = [{', '.join(f'{x:.6g}' for x in lam)}]"
+    lam_txt = "λ not determined" if lam is None else f"λ = [{', '.join(_lambda_text(x, lam) for x in lam)}]"
     print(f"{rep['classification']}: {lam_txt}  ({rep['n_tensors_checked']} tensors; report {path})")
     for f in rep["findings"]:
         print(f"  [{f['level']}] {f['finding']}: {f['message']}")
     errors = [f for f in rep["findings"] if f["level"] == "error"]
     return 1 if (args.strict and errors) else 0
+
+
+def _lambda_text(x: float, lam) -> str:
+    """A fitted λ to 6 digits; one that is rounding noise next to the largest (|λ| < 1e-9·max|λ|) prints 0."""
+    big = max((abs(v) for v in lam), default=0.0)
+    return "0" if abs(x) < 1e-9 * big else f"{x:.6g}"
