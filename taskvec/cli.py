@@ -17,8 +17,15 @@ from . import __version__
 from .errors import TaskvecError, TaskvecWarning
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the whole usage block, up to a dozen lines, above it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="taskvec",
         description="Task vectors, the pretrained model's eNTK, early-stopping theory, task arithmetic and merging.",
     )

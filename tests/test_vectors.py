@@ -200,3 +200,20 @@ def test_cli_dtype_float64_and_its_alias(tmp_path, capsys):
     assert set(got) == {("float64", True), ("float32", False)}
     assert got["float64", True] == pytest.approx(want, rel=1e-12)
     assert got["float32", False] == pytest.approx(want, rel=1e-6)
+
+
+def test_command_line_mistakes_are_one_line(capsys):
+    """An unknown choice or a missing argument is one line naming the option and pointing at --help (argparse
+    alone prints the usage block, up to a dozen lines, above it)."""
+    from taskvec.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["merge", "--base", "b", "--method", "bogus", "--out", "o", "ft"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("taskvec merge: error: argument --method: invalid choice: 'bogus'")
+    assert err.strip().endswith("(see 'taskvec merge --help')")
+    with pytest.raises(SystemExit):
+        main(["vectors"])
+    assert capsys.readouterr().err.strip() == ("taskvec vectors: error: the following arguments are required: "
+                                               "base, FT, --out (see 'taskvec vectors --help')")
