@@ -5,6 +5,7 @@ reshaping a base tensor; `check-merge --overwrite`; tensors a fine-tune holds be
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -93,10 +94,13 @@ def test_merge_refuses_half_precision_overflow(coll, tmp_path):
         merge_checkpoints(base, fts, "task_arithmetic", MergeParams(lambda_=1e7), out, out_dtype="float16",
                           progress=False)
     assert nothing_written(out)
-    with pytest.raises(TaskvecError, match="overflows float32.*lower --lambda"):  # Inf made by the float32 sum
+    with pytest.raises(TaskvecError, match="overflows float32.*lower --lambda") as exc:  # Inf made by the fp32 sum
         merge_checkpoints(base, fts, "task_arithmetic", MergeParams(lambda_=1e39), out, out_dtype="float32",
                           progress=False)
     assert nothing_written(out)
+    # λ = 1e39 is Inf in float32 and Inf·0 = NaN: the message counts the non-finite values, never prints 'nan'
+    assert "in the merge arithmetic" in str(exc.value) and re.search(r"\(\d+ of \d+ values NaN/Inf\)", str(exc.value))
+    assert "nan" not in str(exc.value) and "largest" not in str(exc.value)
 
 
 def test_check_merge_refuses_nonfinite_base_or_finetune(coll, tmp_path, capsys):
@@ -164,7 +168,7 @@ def test_duplicate_finetunes_are_refused(coll, tmp_path, capsys):
     rc = main(["check-merge", "--base", str(base), "--merged", str(merged), str(fts[0]), again,
                "--out", str(tmp_path / "chk"), "--no-progress"])
     assert rc == 2 and nothing_written(tmp_path / "chk")
-    one_line_error(capsys, "given twice", "(fine-tunes 1 and 2)")
+    one_line_error(capsys, f"fine-tune '{fts[0]}' is given twice (as '{fts[0]}' and '{again}')")
     rc = main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), again, "--density", "0.5",
                "--out", str(out), "--no-progress"])
     assert rc == 2 and nothing_written(out)
@@ -190,9 +194,11 @@ def test_copies_of_a_finetune_or_of_the_base_and_out_inside_an_input_are_refused
     root, base, fts, _, _, _ = coll
     copy = shutil.copytree(fts[0], tmp_path / "copy")
     out = tmp_path / "m"
-    with pytest.raises(TaskvecError, match="same content as fine-tune 1"):
+    with pytest.raises(TaskvecError, match=re.escape(f"fine-tune '{copy}' has the same content as fine-tune "
+                                                     f"'{fts[0]}'")):
         merge_checkpoints(base, [fts[0], copy], "task_arithmetic", MergeParams(), out, progress=False)
-    with pytest.raises(TaskvecError, match="same content as the base"):
+    with pytest.raises(TaskvecError, match=re.escape(f"fine-tune '{base}' has the same content as the base "
+                                                     f"'{base}'")):
         merge_checkpoints(base, [base, fts[1]], "task_arithmetic", MergeParams(), out, progress=False)
     assert nothing_written(out)
     inside = fts[0] / "merged"
@@ -262,3 +268,40 @@ def test_finetune_missing_or_reshaping_a_base_tensor_is_one_line(coll, tmp_path,
         assert main(["check-merge", "--base", str(base), "--merged", str(merged), str(fts[0]), str(bad),
                      "--out", str(out), "--no-progress"]) == 2 and nothing_written(out)
         one_line_error(capsys, str(bad), *needles)
+
+
+def test_finetune_lacking_only_the_pooler_suggests_scope_body(tmp_path, capsys):
+    """A BERT base saved with its pooler and a fine-tune saved without it (sentence-transformers style): the
+    error names --scope body, which merges the rest and copies the pooler from the base; a fine-tune lacking
+    a body tensor keeps the general advice."""
+    from transformers import BertModel
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    base = BertModel(tiny_config("bert")).eval()  # with pooler
+    save_hf(base, tmp_path / "base", tiny_tokenizer(kind="encoder"))
+    ft = save_hf(perturbed(base, scale=1e-2, seed=7), tmp_path / "ft")
+
+    def no_pooler(sd):
+        for name in [n for n in sd if n.startswith("pooler.")]:
+            del sd[name]
+
+    nopool = edited(ft, tmp_path / "nopool", no_pooler)
+    out = tmp_path / "m"
+    args = ["merge", "--base", str(tmp_path / "base"), "--method", "task_arithmetic", str(nopool), "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 2 and nothing_written(out)
+    one_line_error(capsys, "lacks tensor 'pooler.dense.", "(and 1 more)",
+                   "merge with --scope body (it lacks only head/embedding tensors, which it leaves out)")
+    assert main([*args, "--scope", "body"]) == 0
+    rec = json.loads((out / "taskvec_merge.json").read_text())
+    assert sorted(rec["copied_from_base"]) == ["embeddings.word_embeddings.weight", "pooler.dense.bias",
+                                               "pooler.dense.weight"]
+
+    def no_query(sd):
+        del sd["encoder.layer.0.attention.self.query.weight"]
+
+    noq = edited(ft, tmp_path / "noq", no_query)
+    assert main(["merge", "--base", str(tmp_path / "base"), "--method", "task_arithmetic", str(noq), "--out",
+                 str(tmp_path / "q"), "--no-progress"]) == 2
+    assert "--scope body" not in one_line_error(capsys, "restrict --scope to the tensors it has")

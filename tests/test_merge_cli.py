@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -124,8 +125,108 @@ def test_cli_refuses_existing_model_folder(coll, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     rc = main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), "--density", "0.5",
                "--out", str(out), "--no-progress"])
-    assert rc == 2 and "already holds a model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a model" in err and "--overwrite only replaces taskvec's own merges" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     rc = main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), "--density", "1.5",
                "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 2 and "density must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_a_merge_taskvec_wrote(coll, tmp_path, capsys):
+    """--overwrite replaces an earlier merge (or another taskvec output), as the other commands' --overwrite
+    does; never a model taskvec did not merge, nor an input; without it the message names --overwrite."""
+    root, base, fts = coll
+    out = tmp_path / "m"
+    args = ["merge", "--base", str(base), "--method", "task_arithmetic", str(fts[0]), "--out", str(out),
+            "--no-progress"]
+    assert main([*args, "--lambda", "0.5"]) == 0 and (out / ".taskvec-output").is_file()
+    first = tensors(out)
+    capsys.readouterr()
+    assert main([*args, "--lambda", "0.7"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a model taskvec merged; pass --overwrite to replace it" in err and "\n" not in err.strip()
+    assert all(np.array_equal(first[k], v) for k, v in tensors(out).items())
+    assert main([*args, "--lambda", "0.7", "--overwrite"]) == 0
+    assert json.loads((out / "taskvec_merge.json").read_text())["lambda"] == 0.7
+    assert not same(out, base) and not all(np.array_equal(first[k], v) for k, v in tensors(out).items())
+    assert not list(tmp_path.glob(".m.*"))  # no partial or old folder left beside it
+    # a model taskvec did not merge, and an input (even a merge taskvec wrote), are never replaced
+    capsys.readouterr()
+    for taken in (save_hf(tiny_model("llama", seed=4), tmp_path / "taken"), base):
+        before = {p.name: p.read_bytes() for p in taken.iterdir()}
+        assert main(["merge", "--base", str(base), "--method", "task_arithmetic", str(fts[0]), "--out", str(taken),
+                     "--overwrite", "--no-progress"]) == 2
+        assert {p.name: p.read_bytes() for p in taken.iterdir()} == before
+    err = capsys.readouterr().err
+    assert "that taskvec did not merge" in err and "is one of the input models" in err
+    assert main(["merge", "--base", str(base), "--method", "task_arithmetic", str(out), "--out", str(out),
+                 "--overwrite", "--no-progress"]) == 2
+    assert "is one of the input models" in capsys.readouterr().err
+    # another taskvec output (no model in it) is replaced too; a folder taskvec did not write is not
+    for name, ours in (("report", True), ("notes", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / ("results.json" if ours else "notes.txt")).write_text("{}")
+        assert main(["merge", "--base", str(base), "--method", "task_arithmetic", str(fts[0]), "--out",
+                     str(folder), "--no-progress"]) == 2
+        assert "pass --overwrite" in capsys.readouterr().err
+        rc = main(["merge", "--base", str(base), "--method", "task_arithmetic", str(fts[0]), "--out", str(folder),
+                   "--overwrite", "--no-progress"])
+        assert rc == (0 if ours else 2) and (folder / "taskvec_merge.json").is_file() == ours
+        assert ours or "was not written by taskvec" in capsys.readouterr().err
+
+
+def test_no_density_warns_that_nothing_is_trimmed_or_dropped(coll, tmp_path, capsys):
+    """ties / dare_* without a density keep mergekit's default 1 (nothing trimmed or dropped) and say so, on
+    the command line and for a mergekit config that sets no density; an explicit density is not warned about."""
+    root, base, fts = coll
+    common = ["--base", str(base), *map(str, fts), "--no-progress"]
+    for method, what in [("ties", "nothing is trimmed and ties is sign election only"),
+                         ("dare_linear", "nothing is dropped and dare_linear is plain task arithmetic"),
+                         ("dare_ties", "nothing is dropped and dare_ties is sign election only")]:
+        assert main(["merge", "--method", method, *common, "--out", str(tmp_path / method)]) == 0
+        err = capsys.readouterr().err
+        assert f"taskvec merge: warning: {method} without --density: density defaults to 1 (as in mergekit), so " \
+               f"{what}; pass --density (e.g. 0.2-0.5)" in err
+        rec = json.loads((tmp_path / method / "taskvec_merge.json").read_text())
+        assert rec["densities"] == [1.0, 1.0]
+    for method, extra in [("ties", ["--density", "0.5"]), ("task_arithmetic", []), ("linear", [])]:
+        assert main(["merge", "--method", method, *common, *extra, "--out", str(tmp_path / f"{method}2")]) == 0
+        assert "density" not in capsys.readouterr().err
+    cfg = tmp_path / "merge.yml"
+    head = f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n"
+    for i, (models, top, warned) in enumerate([
+            (f"  - model: {fts[0]}\n  - model: {fts[1]}\n", "", "for any model: density defaults to 1"),
+            (f"  - model: {fts[0]}\n    parameters: {{density: 0.4}}\n  - model: {fts[1]}\n", "",
+             f"for '{fts[1]}': density defaults to 1 (as in mergekit), so nothing of theirs is dropped"),
+            (f"  - model: {fts[0]}\n  - model: {fts[1]}\n", "  density: 0.4\n", None)]):
+        cfg.write_text(f"{head}{models}parameters:\n  weight: 0.5\n{top}")
+        assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / f"yml{i}"), "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        if warned:
+            assert f"taskvec merge: warning: {cfg}: dare_ties without a density {warned}" in err
+            assert "set `density:` (e.g. 0.2-0.5) under parameters" in err and "--density" not in err
+        else:
+            assert "density" not in err
+
+
+def test_errors_name_the_finetune_not_its_index(coll, tmp_path, capsys):
+    root, base, fts = coll
+    common = ["merge", "--base", str(base), *map(str, fts), "--out", str(tmp_path / "x"), "--no-progress"]
+    assert main([*common, "--method", "ties", "--density", "0.5", "1.5"]) == 2
+    assert f"--density 1.5 for fine-tune '{fts[1]}': density must lie in (0, 1]" in capsys.readouterr().err
+    assert main([*common, "--method", "task_arithmetic", "--weight", "1", "nan"]) == 2
+    assert f"--weight nan for fine-tune '{fts[1]}': weights must be finite" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_states_defaults_and_what_config_replaces(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("--base BASE the base (pretrained) model; required unless --config",
+                   "merge method; required unless --config", "--no-normalize do not divide by the summed weights",
+                   "(default 1)", "DARE drop seed (default 0)", "--overwrite replace an --out folder taskvec wrote"):
+        assert needle in text, needle
+    assert re.search(r"--lambda LAMBDA global scale λ of the merged task vector \(default 1\)", text)

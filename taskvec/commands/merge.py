@@ -14,20 +14,27 @@ def add_parser(subparsers) -> None:
                     "named as in mergekit; --config reads a mergekit YAML instead.")
     p.add_argument("finetunes", nargs="*", metavar="FT",
                    help="fine-tuned models (folders, files, hub ids); list them before --weight/--density")
-    p.add_argument("--base", help="the base (pretrained) model")
-    p.add_argument("--method", choices=sorted(METHODS), help="merge method")
-    p.add_argument("--out", required=True, help="new output folder (refused if it already holds a model)")
+    p.add_argument("--base", help="the base (pretrained) model; required unless --config")
+    p.add_argument("--method", choices=sorted(METHODS), help="merge method; required unless --config")
+    p.add_argument("--out", required=True,
+                   help="new output folder (refused if it already holds anything, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder taskvec wrote (e.g. an earlier merge); never an input, nor a "
+                        "model taskvec did not merge")
     p.add_argument("--config", help="mergekit YAML (merge_method, base_model, models, parameters)")
     p.add_argument("--weight", type=float, nargs="+", default=None,
                    help="weight per fine-tune, or one for all (default 1)")
     p.add_argument("--density", type=float, nargs="+", default=None,
-                   help="fraction of entries kept, per fine-tune or one for all (ties, dare_*)")
-    p.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float, default=1.0, help="global scale λ of the merged task vector")
-    p.add_argument("--seed", type=int, default=0, help="DARE drop seed")
+                   help="fraction of entries kept, per fine-tune or one for all (ties, dare_*; default 1 as in "
+                        "mergekit: nothing trimmed or dropped, with a warning)")
+    p.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float, default=1.0,
+                   help="global scale λ of the merged task vector (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="DARE drop seed (default 0)")
     norm = p.add_mutually_exclusive_group()
     norm.add_argument("--normalize", dest="normalize", action="store_true", default=None,
                       help="divide by the summed weights (default: on for ties and linear, off otherwise)")
-    norm.add_argument("--no-normalize", dest="normalize", action="store_false")
+    norm.add_argument("--no-normalize", dest="normalize", action="store_false",
+                      help="do not divide by the summed weights (turns off the ties/linear default)")
     p.add_argument("--rescale", choices=["l1", "paper", "none"], default=None,
                    help="DARE rescale: l1 = mergekit (keep the tensor's L1 norm; default), paper = ×1/density")
     p.add_argument("--trim", choices=["tensor", "global"], default="tensor",
@@ -62,12 +69,14 @@ def run(args) -> int:
         if not (args.base and args.method and args.finetunes):
             raise TaskvecError("taskvec merge needs --base, --method and at least one fine-tune (or --config)")
         base, fts, method = args.base, args.finetunes, args.method
-        params = MergeParams(weights=tuple(args.weight or (1.0,)), densities=tuple(args.density or (1.0,)),
+        params = MergeParams(weights=tuple(args.weight or (1.0,)),
+                             densities=tuple(args.density) if args.density else None,
                              lambda_=args.lambda_, normalize=args.normalize, rescale=args.rescale, trim=args.trim,
                              seed=args.seed)
         out_dtype, extra = args.dtype, None
     out = merge_checkpoints(base, fts, method, params, args.out, out_dtype=out_dtype, scope=args.scope,
-                            max_shard_size=args.max_shard_size, progress=not args.no_progress, extra_record=extra)
+                            max_shard_size=args.max_shard_size, progress=not args.no_progress, extra_record=extra,
+                            overwrite=args.overwrite)
     rec = json.loads((Path(out) / "taskvec_merge.json").read_text())
     warn_extra_tensors(rec["extra_tensors_ignored"], "not merged (the output holds the base's tensors only)",
                        "taskvec_merge.json under extra_tensors_ignored")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import warnings
 from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -12,7 +13,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..checkpoints import Checkpoint, align
-from ..errors import TaskvecError
+from ..errors import TaskvecError, TaskvecWarning
+from ..scope import resolve_scope
 
 RESCALES = {
     "l1": "mergekit: kept entries scaled so the tensor's L1 norm is preserved",
@@ -29,13 +31,14 @@ TRIMS = {
 class MergeParams:
     """Plain merge parameters, named as mergekit names them.
 
-    weights / densities: one value per fine-tune (a single value is broadcast by `resolve`).
+    weights / densities: one value per fine-tune (a single value is broadcast by `resolve`). densities None:
+    not given — mergekit's default 1 (nothing trimmed or dropped), with a warning for ties and dare_*.
     lambda_: global scale of the merged task vector. normalize / rescale: None = method default.
     trim: TIES trimming scope ("tensor" or "global"). seed: DARE drop seed.
     """
 
     weights: tuple[float, ...] = (1.0,)
-    densities: tuple[float, ...] = (1.0,)
+    densities: tuple[float, ...] | None = None
     lambda_: float = 1.0
     normalize: bool | None = None
     rescale: str | None = None
@@ -75,18 +78,28 @@ class MergeMethod:
     default_rescale: str | None = None
     conventions: dict = field(default_factory=dict)
 
-    def resolve(self, params: MergeParams, n_models: int) -> MergeParams:
-        """Broadcast per-model values, fill method defaults, and reject out-of-range parameters."""
+    def resolve(self, params: MergeParams, n_models: int, sources: Sequence = ()) -> MergeParams:
+        """Broadcast per-model values, fill method defaults, and reject out-of-range parameters.
+        `sources`: the fine-tunes (paths, hub ids or Checkpoints), to name them in errors."""
         if n_models < 1:
             raise TaskvecError(f"{self.name} needs at least one fine-tuned model")
+        names = [repr(str(getattr(s, "source", s))) for s in sources]
+
+        def label(i: int) -> str:
+            return f"fine-tune {names[i]}" if i < len(names) else f"fine-tune #{i + 1}"
+
         weights = _broadcast(params.weights, n_models, "weight")
-        densities = _broadcast(params.densities, n_models, "density")
+        if params.densities is None and self.uses_density:
+            warnings.warn(f"{self.name} without --density: density defaults to 1 (as in mergekit), so "
+                          f"{density_one_means(self)}; pass --density (e.g. 0.2-0.5)", TaskvecWarning, stacklevel=3)
+        densities = _broadcast(params.densities or (1.0,), n_models, "density")
         for i, w in enumerate(weights):
             if not math.isfinite(w):
-                raise TaskvecError(f"--weight for fine-tune {i} is {w}; weights must be finite numbers")
+                raise TaskvecError(f"--weight {w} for {label(i)}: weights must be finite numbers")
         for i, d in enumerate(densities):
             if not (0.0 < d <= 1.0):
-                raise TaskvecError(f"--density for fine-tune {i} is {d}; density must lie in (0, 1] (fraction of entries kept)")
+                raise TaskvecError(f"--density {d} for {label(i)}: density must lie in (0, 1] (the fraction of "
+                                   "entries kept)")
         if not math.isfinite(params.lambda_):
             raise TaskvecError(f"--lambda is {params.lambda_}; it must be a finite number")
         if not self.uses_density and any(d != 1.0 for d in densities):
@@ -128,30 +141,39 @@ class MergeMethod:
         return rec
 
 
+def density_one_means(method: MergeMethod) -> str:
+    """What a trimming/dropping method does at density 1, for the warning when no density is given."""
+    if method.uses_trim:
+        return f"nothing is trimmed and {method.name} is sign election only"
+    left = "sign election only" if "sign_election" in method.conventions else "plain task arithmetic"
+    return f"nothing is dropped and {method.name} is {left}"
+
+
 def refuse_duplicate_finetunes(sources: Sequence, hint: str) -> None:
     """TaskvecError if one fine-tune (same resolved path, or same hub id) is listed twice: it would count
     double in a merge, and make the tasks indistinguishable in a check. `hint` ends the message."""
-    seen: dict[str, int] = {}
-    for i, src in enumerate(sources):
+    seen: dict[str, str] = {}
+    for src in sources:
         src = str(getattr(src, "source", src))
         p = Path(src).expanduser()
         key = str(p.resolve()) if p.exists() else src
         if key in seen:
-            raise TaskvecError(f"fine-tune {src} is given twice (fine-tunes {seen[key] + 1} and {i + 1}); "
-                               f"list each fine-tune once ({hint})")
-        seen[key] = i
+            first = seen[key]
+            also = f" (as {first!r} and {src!r})" if first != src else ""
+            raise TaskvecError(f"fine-tune {first!r} is given twice{also}; list each fine-tune once ({hint})")
+        seen[key] = src
 
 
 def refuse_same_content(base, finetunes: Sequence) -> None:
     """TaskvecError if a fine-tune's files are byte-identical to the base's or to another fine-tune's (a
     copy under another path): its τ is zero, or it would count double."""
-    seen = {base.fingerprint(): f"the base {base.source}"}
-    for i, ft in enumerate(finetunes):
+    seen = {base.fingerprint(): f"the base {str(base.source)!r}"}
+    for ft in finetunes:
         fp = ft.fingerprint()
         if fp in seen:
-            raise TaskvecError(f"fine-tune {i + 1} ({ft.source}) has the same content as {seen[fp]}; list each "
+            raise TaskvecError(f"fine-tune {str(ft.source)!r} has the same content as {seen[fp]}; list each "
                                f"distinct fine-tune once (a copy of the base has τ = 0)")
-        seen[fp] = f"fine-tune {i + 1} ({ft.source})"
+        seen[fp] = f"fine-tune {str(ft.source)!r}"
 
 
 _VOCAB_RE = re.compile(r"(^|\.)(wte|word_embeddings|embed_tokens|embed_in|tok_embeddings|shared|lm_head|embed_out|"
@@ -179,10 +201,21 @@ def align_finetunes(base: Checkpoint, fts: Sequence[Checkpoint], scope_names: Se
         missing = [n for n in al.missing if n in in_scope]
         if missing and not ft.is_delta:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            fix = "restrict --scope to the tensors it has"
+            if _outside_body(missing):
+                fix = f"{verb.lower()} with --scope body (it lacks only head/embedding tensors, which it leaves out)"
             raise TaskvecError(f"{ft.source} lacks tensor {missing[0]!r}{more} that the base {base.source} has; "
-                               "pass the complete fine-tune, or restrict --scope to the tensors it has")
+                               f"pass the complete fine-tune, or {fix}")
         alignments.append(al)
     return alignments
+
+
+def _outside_body(names: Sequence[str]) -> bool:
+    """Whether none of `names` is in the `body` scope preset (all are word embeddings, output or pooler heads)."""
+    try:
+        return not resolve_scope(names, "body")
+    except TaskvecError:  # resolve_scope refuses a scope that selects nothing
+        return True
 
 
 def tensor_seed(seed: int, name: str, model_index: int) -> int:

@@ -2,9 +2,10 @@
 
 `merge_checkpoints(base, finetunes, method, params, out)` pairs every fine-tune with the base
 (`checkpoints.align`), refuses what cannot be merged (shape or vocabulary mismatch, a missing tensor,
-an output folder that already holds a model) before computing anything, then streams tensors through
-the method's per-tensor `combine` in float32 and writes sharded safetensors tensor by tensor, the base's config and
-tokenizer files and `taskvec_merge.json` into a temporary folder renamed into place at the end.
+an output folder that already holds a model — with `overwrite`, one taskvec merged is replaced) before
+computing anything, then streams tensors through the method's per-tensor `combine` in float32 and writes
+sharded safetensors tensor by tensor, the base's config and tokenizer files and `taskvec_merge.json` into a
+temporary folder renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..checkpoints import Checkpoint, align, check_finite, extra_tensors, open_checkpoint, write_safetensors
 from ..errors import TaskvecError
-from ..io import atomic_dir, atomic_write_json, check_out_dir
+from ..io import _check_apart_from_inputs, atomic_dir, atomic_write_json, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
 from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, refuse_duplicate_finetunes,
@@ -55,8 +56,14 @@ def parse_size(size: int | str) -> int:
     return nbytes
 
 
-def refuse_existing_output(out: Path, inputs: Sequence[str] = ()) -> None:
-    """TaskvecError if `out` is an input or already holds anything (a model above all); touches nothing."""
+def is_merge_output(out: Path) -> bool:
+    """Whether folder `out` is a model taskvec merged (it holds taskvec_merge.json, the merge record)."""
+    return (out / "taskvec_merge.json").is_file()
+
+
+def refuse_existing_output(out: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> bool:
+    """TaskvecError if `out` is an input or already holds anything `overwrite` may not replace (a model
+    above all, unless taskvec merged it); touches nothing. Returns whether `out` is an earlier merge to replace."""
     out = Path(out)
     for src in inputs:
         try:
@@ -68,11 +75,18 @@ def refuse_existing_output(out: Path, inputs: Sequence[str] = ()) -> None:
         if not out.is_dir():
             raise TaskvecError(f"--out {out} is an existing file; choose a new folder")
         held = [p.name for p in out.iterdir() if p.name in MODEL_FILES or p.suffix == ".safetensors"]
+        if is_merge_output(out):
+            if overwrite:
+                _check_apart_from_inputs(out, inputs)  # e.g. a later merge of this one given as a fine-tune
+                return True
+            raise TaskvecError(f"--out {out} already holds a model taskvec merged; pass --overwrite to replace it, "
+                               "or choose another folder — nothing was changed")
         if held:
-            raise TaskvecError(f"--out {out} already holds a model ({', '.join(sorted(held)[:3])}); "
+            raise TaskvecError(f"--out {out} already holds a model ({', '.join(sorted(held)[:3])}) that taskvec did "
+                               "not merge (no taskvec_merge.json); --overwrite only replaces taskvec's own merges: "
                                "choose another folder or delete it yourself — nothing was changed")
-        if any(out.iterdir()):
-            raise TaskvecError(f"--out {out} exists and is not empty; choose a new or empty folder")
+    check_out_dir(out, overwrite=overwrite, inputs=inputs)  # e.g. not inside an input folder
+    return False
 
 
 def _base_folder(base: Checkpoint) -> Path | None:
@@ -118,24 +132,24 @@ def _read_base(base: Checkpoint, name: str, merged: bool) -> torch.Tensor:
 
 def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, params: MergeParams | None = None,
                       out: str | Path = "merged", *, out_dtype: str | None = None, scope: str = "all",
-                      max_shard_size: int | str = "5GB", progress: bool = True, extra_record: dict | None = None
-                      ) -> Path:
+                      max_shard_size: int | str = "5GB", progress: bool = True, extra_record: dict | None = None,
+                      overwrite: bool = False) -> Path:
     """Merge `finetunes` onto `base` with `method` and write a Hugging Face folder `out`; return its path.
 
     base / finetunes: paths, hub ids or open Checkpoints. params: MergeParams (defaults: weight 1 each).
     out_dtype: "float32" | "bfloat16" | "float16" | None (keep each tensor's base dtype). scope: which
     tensors are merged (others are copied from the base and listed in the record). Arithmetic is fp32.
+    overwrite: replace `out` if taskvec wrote it (an earlier merge or another taskvec output), never an input.
     """
     out = Path(out)
     method = get_method(method) if isinstance(method, str) else method
     if out_dtype is not None and out_dtype not in DTYPES:
         raise TaskvecError(f"--dtype {out_dtype!r}: choose one of {sorted(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    params = method.resolve(params or MergeParams(), len(finetunes))
+    params = method.resolve(params or MergeParams(), len(finetunes), finetunes)
     refuse_duplicate_finetunes(finetunes, "give it a larger --weight to count it more")
     srcs = [str(getattr(s, "source", s)) for s in [base, *finetunes]]
-    refuse_existing_output(out, srcs)
-    check_out_dir(out, inputs=srcs)  # e.g. not inside an input folder
+    replaces_merge = refuse_existing_output(out, srcs, overwrite)
 
     t_start = time.perf_counter()
     base = open_checkpoint(base)
@@ -163,7 +177,8 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
 
     n_shards = len(shards)
     weight_map, total = {}, 0
-    with atomic_dir(out) as tmp:
+    # an earlier merge holds a model, which check_out_dir never lets --overwrite replace: checked above instead
+    with atomic_dir(out, overwrite=overwrite, internal=replaces_merge) as tmp:
         bar = tqdm(total=len(names), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
@@ -217,6 +232,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, merged: bool) -> torch
     a narrower output dtype) is refused — the inputs were checked finite, so the merge made the Inf."""
     out = t.to(dtype)
     if merged and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):  # Inf (or Inf - Inf = NaN) from the float32 arithmetic itself: no largest value
+            raise TaskvecError(f"merged tensor {name!r} overflows float32 in the merge arithmetic ({int(bad.sum())} "
+                               f"of {t.numel()} values NaN/Inf); lower --lambda/--weight")
         wider = "write it with --dtype float32 or bfloat16, or " if torch.finfo(dtype).max < 1e38 else ""
         raise TaskvecError(f"merged tensor {name!r} overflows {str(dtype).replace('torch.', '')} (largest |value| "
                            f"{float(t.abs().max()):.4g}); {wider}lower --lambda/--weight")

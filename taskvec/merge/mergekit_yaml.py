@@ -10,12 +10,13 @@ defaults for every model), `dtype`, `out_dtype`, `random_seed`. Unsupported merg
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..errors import TaskvecError
+from ..errors import TaskvecError, TaskvecWarning
 from .base import MergeParams
 
 SUPPORTED = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "linear")
@@ -67,6 +68,21 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
             "a missing ':' after a key, or an unclosed quote or bracket")
 
 
+def _warn_no_density(path: Path, method: str, refs: list[str], all_models: bool) -> None:
+    """A TaskvecWarning when ties/dare_* get no density for some models: mergekit's default 1 keeps everything."""
+    from . import get_method
+    from .base import density_one_means
+
+    m = get_method(method)
+    if not m.uses_density:
+        return
+    what = density_one_means(m) if all_models else \
+        f"nothing of theirs is {'trimmed' if m.uses_trim else 'dropped'}"
+    which = "any model" if all_models else ", ".join(repr(r) for r in refs)
+    warnings.warn(f"{path}: {method} without a density for {which}: density defaults to 1 (as in mergekit), so "
+                  f"{what}; set `density:` (e.g. 0.2-0.5) under parameters", TaskvecWarning, stacklevel=3)
+
+
 def read_mergekit_config(path: str | Path) -> MergeSpec:
     """Parse a mergekit YAML file into a MergeSpec (paths relative to the cwd, else to the YAML's folder)."""
     path = Path(path)
@@ -100,7 +116,7 @@ def read_mergekit_config(path: str | Path) -> MergeSpec:
     base = _path(base, cfg_dir, f"{path}: base_model") if base is not None else None
     if base is None and method != "linear":
         raise TaskvecError(f"{path}: {method} needs a base_model")
-    models, weights, densities, notes = [], [], [], []
+    models, weights, densities, notes, no_density = [], [], [], [], []
     for i, e in enumerate(entries):
         e = {"model": e} if isinstance(e, str) else e
         if not isinstance(e, dict) or "model" not in e:
@@ -121,6 +137,8 @@ def read_mergekit_config(path: str | Path) -> MergeSpec:
             raise TaskvecError(f"{path}: models[{i}] has no weight (mergekit requires one per model, or a "
                                "top-level parameters.weight)")
         dens = p.get("density", top.get("density", 1.0))
+        if "density" not in p and "density" not in top:
+            no_density.append(ref)
         densities.append(_number(dens, f"{path}: models[{i}].parameters.density"))
         models.append(ref)
     if method == "linear" and base is not None and all(Path(m).resolve() != Path(base).resolve() for m in models):
@@ -134,6 +152,8 @@ def read_mergekit_config(path: str | Path) -> MergeSpec:
     if base is None:
         base = models[0]
         notes.append("no base_model: the first model supplies config and tokenizer (linear merge)")
+    if no_density:
+        _warn_no_density(path, method, no_density, all_models=len(no_density) == len(models))
     rescale = top.get("rescale")
     if isinstance(rescale, bool):
         rescale = "l1" if rescale else "none"
