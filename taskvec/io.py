@@ -99,6 +99,9 @@ _EARLIER_OUTPUTS = ("results.json", "ntk.json", "vectors.json", "theory.json", "
                     "taskvec_merge.json", "taskvec_applied.json")
 
 
+_MODEL_RECORDS = ("taskvec_merge.json", "taskvec_applied.json")  # models taskvec built (merge, apply_to)
+
+
 def _holds_model(path: Path) -> str | None:
     """What irreplaceable thing a folder holds (a collection, a model or adapter checkpoint), else None."""
     if (path / "collection.json").is_file():
@@ -114,7 +117,7 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
 
     With `overwrite`, a folder is replaced only if taskvec wrote it as an output (marker or record
     file) or it is a derived cache entry — never when it is, or contains, one of `inputs`, nor when it
-    holds a collection or a model checkpoint. `internal`: the caller rebuilds a cache entry it owns.
+    holds a collection or a model checkpoint taskvec did not build (a merge or apply_to output may go). `internal`: the caller rebuilds a cache entry it owns.
     """
     from .errors import TaskvecError
 
@@ -137,7 +140,7 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
         return
     resolved = path.resolve()
     held = _holds_model(path)
-    if held:
+    if held and not any((path / f).is_file() for f in _MODEL_RECORDS):  # a model taskvec built may go
         raise TaskvecError(f"{path} holds {held}; --overwrite never replaces those: choose another --out or "
                            f"remove it yourself")
     cache = cache_dir().resolve()

@@ -81,6 +81,14 @@ def test_apply_to_writes_a_loadable_model(coll, tmp_path):
         assert torch.allclose(tv_half[k], 0.5 * tv[k], atol=1e-6)
     with pytest.raises(TaskvecError, match="not empty"):
         tv.apply_to(coll["base"], tmp_path / "half")
+    # --overwrite replaces a model taskvec built (its record says so), never one it did not, nor the base
+    again = tv.apply_to(coll["base"], tmp_path / "half", alpha=1.0, overwrite=True, progress=False)
+    assert torch.allclose(TaskVector.from_checkpoints(coll["base"], again, scope="all", progress=False)[k], tv[k],
+                          atol=1e-6)
+    with pytest.raises(TaskvecError, match="holds a model checkpoint"):
+        tv.apply_to(coll["base"], coll["ft"][0], overwrite=True, progress=False)
+    with pytest.raises(TaskvecError, match="is \\(or contains\\) the input"):
+        tv.apply_to(coll["base"], coll["base"], overwrite=True, progress=False)
 
 
 def test_apply_to_keeps_shards_and_dtype(tmp_path):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..checkpoints import Checkpoint, align, check_finite, extra_tensors, open_checkpoint, write_safetensors
 from ..errors import TaskvecError
-from ..io import _check_apart_from_inputs, atomic_dir, atomic_write_json, check_out_dir
+from ..io import atomic_dir, atomic_write_json, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
 from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, refuse_duplicate_finetunes,
@@ -61,9 +61,9 @@ def is_merge_output(out: Path) -> bool:
     return (out / "taskvec_merge.json").is_file()
 
 
-def refuse_existing_output(out: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> bool:
+def refuse_existing_output(out: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> None:
     """TaskvecError if `out` is an input or already holds anything `overwrite` may not replace (a model
-    above all, unless taskvec merged it); touches nothing. Returns whether `out` is an earlier merge to replace."""
+    above all, unless taskvec merged it); touches nothing."""
     out = Path(out)
     for src in inputs:
         try:
@@ -71,22 +71,16 @@ def refuse_existing_output(out: Path, inputs: Sequence[str] = (), overwrite: boo
                 raise TaskvecError(f"--out {out} is one of the input models; choose a new folder")
         except OSError:
             pass
-    if out.exists():
-        if not out.is_dir():
-            raise TaskvecError(f"--out {out} is an existing file; choose a new folder")
+    if out.is_dir() and not overwrite and is_merge_output(out):
+        raise TaskvecError(f"--out {out} already holds a model taskvec merged; pass --overwrite to replace it, "
+                           "or choose another folder — nothing was changed")
+    if out.is_dir() and not is_merge_output(out):
         held = [p.name for p in out.iterdir() if p.name in MODEL_FILES or p.suffix == ".safetensors"]
-        if is_merge_output(out):
-            if overwrite:
-                _check_apart_from_inputs(out, inputs)  # e.g. a later merge of this one given as a fine-tune
-                return True
-            raise TaskvecError(f"--out {out} already holds a model taskvec merged; pass --overwrite to replace it, "
-                               "or choose another folder — nothing was changed")
         if held:
             raise TaskvecError(f"--out {out} already holds a model ({', '.join(sorted(held)[:3])}) that taskvec did "
                                "not merge (no taskvec_merge.json); --overwrite only replaces taskvec's own merges: "
                                "choose another folder or delete it yourself — nothing was changed")
-    check_out_dir(out, overwrite=overwrite, inputs=inputs)  # e.g. not inside an input folder
-    return False
+    check_out_dir(out, overwrite=overwrite, inputs=inputs)  # a file, an input, a folder taskvec did not write
 
 
 def _base_folder(base: Checkpoint) -> Path | None:
@@ -149,7 +143,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
     params = method.resolve(params or MergeParams(), len(finetunes), finetunes)
     refuse_duplicate_finetunes(finetunes, "give it a larger --weight to count it more")
     srcs = [str(getattr(s, "source", s)) for s in [base, *finetunes]]
-    replaces_merge = refuse_existing_output(out, srcs, overwrite)
+    refuse_existing_output(out, srcs, overwrite)
 
     t_start = time.perf_counter()
     base = open_checkpoint(base)
@@ -178,7 +172,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, para
     n_shards = len(shards)
     weight_map, total = {}, 0
     # an earlier merge holds a model, which check_out_dir never lets --overwrite replace: checked above instead
-    with atomic_dir(out, overwrite=overwrite, internal=replaces_merge) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=srcs) as tmp:
         bar = tqdm(total=len(names), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
