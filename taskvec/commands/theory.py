@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import TaskvecError
+from ..errors import TaskvecError, TaskvecWarning
 
 
 def add_parser(subparsers) -> None:
@@ -23,36 +25,45 @@ def add_parser(subparsers) -> None:
                      "and figures. Eigenvalues are of K/n; the kernel is never normalised."),
     )
     src = p.add_argument_group("spectrum")
-    src.add_argument("--eigenvalues", type=Path, help="eigenvalues of K/n (.npy; top-k allowed with --n)")
+    src.add_argument("--eigenvalues", type=Path, help="eigenvalues of K/n (.npy; top-k allowed with --n); any order: "
+                     "they are sorted descending, with a warning if they were not")
     src.add_argument("--kernel", type=Path, help="the eNTK K = J Jᵀ (.npy, n×n, unnormalised); its spectrum is used if --eigenvalues is absent")
     src.add_argument("--ntk", type=Path, help="a folder saved by `taskvec ntk` (kernel.npy and/or eigenvalues.npy)")
     src.add_argument("--n", type=int, help="number of probe examples (default: number of eigenvalues)")
-    src.add_argument("--window", type=int, nargs=2, metavar=("FIRST", "LAST"), help="1-based index window of the decay fits")
+    src.add_argument("--window", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                     help="1-based index window of the decay fits (default: 1 to min(last eigenvalue ≥ --tol·μ̂₁, ⌈n/2⌉)); "
+                     "a LAST past the eigenvalues above the cut is clipped to them, with a warning")
     src.add_argument("--tol", type=float, default=1e-6, help="noise cut: eigenvalues below tol·μ̂₁ are never fitted (default 1e-6)")
     noise = p.add_argument_group("noise level σ and RKHS radius R")
     g = noise.add_mutually_exclusive_group()
-    g.add_argument("--sigma", type=float, help="noise standard deviation of the targets")
+    g.add_argument("--sigma", type=float, help="noise standard deviation of the targets (default: from --residuals or "
+                   "--kernel/--targets; without σ there is no stopping time T̂)")
     g.add_argument("--residuals", type=Path, help="held-out residuals of a fitted model (.npy); σ = their RMS (an upper bound)")
-    noise.add_argument("--targets", type=Path, help="residual targets y − f(θ₀) on the probes (.npy); with --kernel: σ by kernel ridge (effective dof) and R by its RKHS norm")
+    noise.add_argument("--targets", type=Path, help="residual targets y − f(θ₀) on the probes (.npy, one per probe); "
+                       "with --kernel: σ by kernel ridge (effective dof) and R by its RKHS norm (default: none)")
     noise.add_argument("--holdout", type=float, default=0.25, help="with --kernel/--targets: seeded fraction of probes held out "
                        "to measure early-stopped kernel GD and kernel ridge on the eNTK (0 disables; default 0.25)")
     noise.add_argument("--radius", type=float, help="RKHS radius R of the target function (default: estimated with --kernel/--targets, else 1)")
     tr = p.add_argument_group("training settings (translate T̂ into steps and epochs)")
-    tr.add_argument("--lr", type=float, help="learning rate")
-    tr.add_argument("--batch-size", type=int, help="batch size")
+    tr.add_argument("--lr", type=float, help="learning rate of the fine-tune (default: none; T̂ is then not translated "
+                    "into optimiser steps and epochs)")
+    tr.add_argument("--batch-size", type=int, help="batch size of the fine-tune (default: the --curves file's, else none)")
     tr.add_argument("--loss", default="mean", choices=["half_mean", "mean", "half_sum", "sum"], help="loss convention (default mean, i.e. MSE without ½)")
     tr.add_argument("--optimizer", default="sgd", choices=["sgd", "gd", "adam", "adamw"],
-                    help="sgd (exact correspondence) or adam/adamw (approximate)")
+                    help="sgd/gd (exact correspondence) or adam/adamw (approximate) (default sgd)")
     tr.add_argument("--epochs-trained", type=float, help="epochs actually trained, compared with the predicted epochs "
-                    "(trained_over_predicted); needs --lr and --batch-size (or --curves for the batch size) and σ")
+                    "(trained_over_predicted); needs --lr and --batch-size (or --curves for the batch size) and σ "
+                    "(default: none)")
     tr.add_argument("--curves", type=Path, help="validation curve to compare T̂ with: a `taskvec finetune` curves.json, "
-                    'or {"epoch": [...], "error": [...]}; its batch size is used when --batch-size is absent')
+                    'or {"epoch": [...], "error": [...]}; its batch size is used when --batch-size is absent (default: none)')
     rt = p.add_argument_group("rates")
-    rt.add_argument("--nested", type=Path, help=".npz of eigenvalues of K/n on nested subsets, arrays named n_<size>")
-    rt.add_argument("--measured-errors", type=Path, help='.json {"n": [...], "error": [...], "noise_floor": optional}')
+    rt.add_argument("--nested", type=Path, help=".npz of eigenvalues of K/n on two or more nested subsets, arrays named "
+                    "n_<size>; the non-parametric rate, needs σ (default: none)")
+    rt.add_argument("--measured-errors", type=Path, help='.json {"n": [...], "error": [...], "noise_floor": optional} with '
+                    "errors at two or more distinct n; the measured rate (default: none)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for fit intervals (default 200)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples and the --holdout split (default 0)")
+    p.add_argument("--no-figures", action="store_true", help="write theory.json only (default: also the figures, PNG + PDF)")
     p.add_argument("--no-progress", action="store_true", help="accepted like every command's (theory shows no bar)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
@@ -112,6 +123,23 @@ _FOUND = {"empty": "is empty", "npy": "is a single .npy array", "npz": "is an .n
           "other": "has no numpy header (text or another format)"}
 
 
+@contextlib.contextmanager
+def _about(label: str):
+    """Re-raise a library TaskvecError with the option and file it came from prefixed (`label`)."""
+    try:
+        yield
+    except TaskvecError as exc:
+        raise TaskvecError(f"{label}: {exc}") from None
+
+
+def _unsorted_note(arr: np.ndarray) -> str | None:
+    """How a spectrum departs from descending order, for a warning (None when it is descending)."""
+    d = np.diff(np.asarray(arr, dtype=np.float64).ravel())
+    if not np.any(d > 0):
+        return None
+    return "in ascending order" if np.all(d >= 0) else "not in descending order"
+
+
 def _load_npy(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise TaskvecError(f"{what} file {path} does not exist")
@@ -153,21 +181,97 @@ def _kernel_predictors(K: np.ndarray, r: np.ndarray, sigma: float, radius: float
 
 
 def _read_curve(path: Path) -> dict:
-    """Epochs and validation errors from a finetune curves.json (eval list) or a plain {epoch, error} file."""
+    """Epochs and validation errors from a finetune curves.json (eval list) or a plain {epoch, error} file,
+    checked here so that a bad file is refused before the analysis, naming the file and the curve in it."""
+    from ..theory.stopping import compare_with_curve
+
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TaskvecError(f"--curves {path}: not readable JSON ({exc})") from None
     if isinstance(data, dict) and "eval" in data:
         metric = data.get("primary_metric", "mse")
-        rows = [e for e in data["eval"] if isinstance(e.get("validation"), dict) and metric in e["validation"]]
+        evals = data["eval"]
+        if not isinstance(evals, list) or not all(isinstance(e, dict) for e in evals):
+            raise TaskvecError(f"--curves {path}: 'eval' must be a list of evaluation entries; pass the curves.json "
+                               "that `taskvec finetune` wrote")
+        rows = [e for e in evals if isinstance(e.get("validation"), dict) and metric in e["validation"]]
         if not rows:
             raise TaskvecError(f"--curves {path}: no eval entries with validation[{metric!r}]")
-        return {"epoch": [r["epoch"] for r in rows], "error": [r["validation"][metric] for r in rows],
-                "batch_size": data.get("batch_size"), "metric": metric}
-    if isinstance(data, dict) and "epoch" in data and "error" in data:
-        return {"epoch": data["epoch"], "error": data["error"], "metric": data.get("metric")}
-    raise TaskvecError(f'--curves {path}: expected a taskvec finetune curves.json or {{"epoch": [...], "error": [...]}}')
+        where = f"validation[{metric!r}] curve"
+        no_epoch = [i for i, e in enumerate(rows) if "epoch" not in e]
+        if no_epoch:
+            raise TaskvecError(f"--curves {path} ({where}): eval entries with validation[{metric!r}] need an 'epoch'; "
+                               f"{len(no_epoch)} of {len(rows)} have none")
+        curve = {"epoch": [r["epoch"] for r in rows], "error": [r["validation"][metric] for r in rows],
+                 "batch_size": data.get("batch_size"), "metric": metric}
+    elif isinstance(data, dict) and "epoch" in data and "error" in data:
+        where = '"epoch"/"error" curve'
+        curve = {"epoch": data["epoch"], "error": data["error"], "metric": data.get("metric")}
+    else:
+        raise TaskvecError(f'--curves {path}: expected a taskvec finetune curves.json or {{"epoch": [...], "error": [...]}}')
+    with _about(f"--curves {path} ({where})"):
+        try:
+            compare_with_curve(None, curve["epoch"], curve["error"])
+        except (TypeError, ValueError):
+            raise TaskvecError("epochs and errors must be lists of numbers, one error per epoch") from None
+    return curve
+
+
+def _read_measured(path: Path) -> dict:
+    """{"n": [...], "error": [...], "noise_floor"?} checked (as the measured rate will use it) before the analysis."""
+    from ..theory.rates import measured_rate
+
+    try:
+        measured = json.loads(path.read_text())
+        measured["n"], measured["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TaskvecError(f"--measured-errors {path}: expected JSON with keys 'n' and 'error'") from None
+    with _about(f"--measured-errors {path}"):
+        try:
+            measured_rate(measured["n"], measured["error"], noise_floor=float(measured.get("noise_floor", 0.0)))
+        except (TypeError, ValueError):
+            raise TaskvecError("'n' and 'error' must be lists of numbers (an error may be a list of replicates) "
+                               "and 'noise_floor' a number") from None
+    return measured
+
+
+def _read_nested(path: Path) -> dict:
+    """{n_k: eigenvalues} from an .npz of arrays named n_<size>, each checked, naming the file and the array."""
+    from ..theory._checks import eigenvalues
+
+    if not path.is_file():
+        raise TaskvecError(f"--nested file {path} does not exist")
+    fmt = _file_format(path)
+    if fmt != "npz":
+        raise TaskvecError(f"--nested {path} {_FOUND[fmt]}: not an .npz archive; save the nested spectra "
+                           "with numpy.savez(n_<size>=eigenvalues, …)")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise TaskvecError(f"--nested {path} is not a readable .npz archive ({exc}); save it with "
+                           "numpy.savez(n_<size>=eigenvalues, …)") from None
+    with z:
+        try:
+            nested = {int(k.split("_", 1)[1]): z[k] for k in z.files}
+        except (IndexError, ValueError):
+            raise TaskvecError(f"--nested {path}: arrays must be named n_<size>, got {z.files}") from None
+    if len(nested) < 2:
+        raise TaskvecError(f"--nested {path} holds {len(nested)} array(s); the non-parametric rate needs spectra of at "
+                           "least two nested subsets, saved as numpy.savez(n_<size>=eigenvalues, …)")
+    unsorted = []
+    for k, arr in sorted(nested.items()):
+        label = f"--nested {path} array n_{k}"
+        if k < 1 or np.size(arr) > k:
+            raise TaskvecError(f"{label}: {np.size(arr)} eigenvalues for a subset of size {k}; name each array "
+                               "n_<subset size> with at most that many eigenvalues")
+        eigenvalues(arr, name=label)
+        if _unsorted_note(arr):
+            unsorted.append(f"n_{k}")
+    if unsorted:
+        warnings.warn(f"--nested {path}: arrays {', '.join(unsorted)} were not in descending order; sorted descending "
+                      "(μ̂₁ the largest) before use", TaskvecWarning, stacklevel=2)
+    return nested
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,13 +286,14 @@ def run(args: argparse.Namespace) -> int:
     from ..theory.stopping import rkhs_radius, sigma_heldout, sigma_krr, sigma_spectral_tail
     from ..theory.summary import analyse_spectrum
 
+    ev_option, kernel_option = "--eigenvalues", "--kernel"
     if args.ntk is not None:
         if not args.ntk.is_dir():
             raise TaskvecError(f"--ntk {args.ntk} is not a folder; pass the folder written by `taskvec ntk`")
         if args.kernel is None and (args.ntk / "kernel.npy").is_file():
-            args.kernel = args.ntk / "kernel.npy"
+            args.kernel, kernel_option = args.ntk / "kernel.npy", "--ntk"
         if args.eigenvalues is None and args.kernel is None and (args.ntk / "eigenvalues.npy").is_file():
-            args.eigenvalues = args.ntk / "eigenvalues.npy"
+            args.eigenvalues, ev_option = args.ntk / "eigenvalues.npy", "--ntk"
             if args.n is None:  # a top-k spectrum (lanczos) knows its n only from ntk.json
                 args.n = _recorded_n(args.ntk)
         if args.eigenvalues is None and args.kernel is None:
@@ -196,36 +301,43 @@ def run(args: argparse.Namespace) -> int:
                                "written by `taskvec ntk`")
     if args.eigenvalues is None and args.kernel is None:
         raise TaskvecError("pass --eigenvalues FILE.npy (eigenvalues of K/n), --kernel FILE.npy or --ntk DIR")
-    from ..theory._checks import eigh, square_kernel
+    from ..theory._checks import eigh, square_kernel, vector
 
     inputs = {}
     K = eig = None
     if args.kernel is not None:
-        K = square_kernel(_load_npy(args.kernel, "--kernel"), f"--kernel {args.kernel}")
+        K = square_kernel(_load_npy(args.kernel, kernel_option), f"{kernel_option} {args.kernel}")
         inputs["kernel"] = {"path": str(args.kernel), "sha256": sha256_file(args.kernel)}
         ev, U = eigh(K / K.shape[0])
         eig = (np.clip(ev, 0.0, None), U)
     if args.eigenvalues is not None:
-        mu = _load_npy(args.eigenvalues, "--eigenvalues")
+        mu = _load_npy(args.eigenvalues, ev_option)
+        spectrum_label = f"{ev_option} {args.eigenvalues}"
         inputs["eigenvalues"] = {"path": str(args.eigenvalues), "sha256": sha256_file(args.eigenvalues)}
         if mu.ndim != 1:
-            raise TaskvecError(f"--eigenvalues {args.eigenvalues}: expected a 1-D array, got shape {mu.shape}")
+            raise TaskvecError(f"{spectrum_label}: expected a 1-D array, got shape {mu.shape}")
         if K is not None and mu.size > K.shape[0]:
             raise TaskvecError(f"--eigenvalues has {mu.size} values but --kernel is {K.shape[0]}×{K.shape[0]}; "
                                "they must describe the same probe set")
+        order = _unsorted_note(mu)
+        if order:
+            warnings.warn(f"{spectrum_label}: eigenvalues were {order}; sorted descending (μ̂₁ the largest) before use",
+                          TaskvecWarning, stacklevel=2)
     else:
         mu = eig[0][::-1]
+        spectrum_label = f"spectrum of {kernel_option} {args.kernel}"
     sigma, sigma_src, estimates = args.sigma, "given" if args.sigma is not None else None, {}
     radius, radius_src = args.radius, "given" if args.radius is not None else None
     if args.residuals is not None:
-        est = sigma_heldout(_load_npy(args.residuals, "--residuals"))
+        with _about(f"--residuals {args.residuals}"):
+            est = sigma_heldout(_load_npy(args.residuals, "--residuals"))
         estimates["sigma_heldout"] = est
         sigma, sigma_src = est["sigma"], est["estimator"]
         inputs["residuals"] = {"path": str(args.residuals), "sha256": sha256_file(args.residuals)}
     if args.targets is not None:
         if K is None:
             raise TaskvecError("--targets needs --kernel (σ and R are estimated by kernel ridge on K)")
-        r = _load_npy(args.targets, "--targets")
+        r = vector(_load_npy(args.targets, "--targets"), K.shape[0], f"--targets {args.targets}")
         inputs["targets"] = {"path": str(args.targets), "sha256": sha256_file(args.targets)}
         estimates["sigma_krr"] = sigma_krr(K, r, eig=eig)
         estimates["sigma_spectral_tail"] = sigma_spectral_tail(K, r, eig=eig)
@@ -250,40 +362,25 @@ def run(args: argparse.Namespace) -> int:
             training["epochs_trained"] = args.epochs_trained
     nested = None
     if args.nested is not None:
-        if not args.nested.is_file():
-            raise TaskvecError(f"--nested file {args.nested} does not exist")
-        fmt = _file_format(args.nested)
-        if fmt != "npz":
-            raise TaskvecError(f"--nested {args.nested} {_FOUND[fmt]}: not an .npz archive; save the nested spectra "
-                               "with numpy.savez(n_<size>=eigenvalues, …)")
-        try:
-            z = np.load(args.nested, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise TaskvecError(f"--nested {args.nested} is not a readable .npz archive ({exc}); save it with "
-                               "numpy.savez(n_<size>=eigenvalues, …)") from None
-        with z:
-            try:
-                nested = {int(k.split("_", 1)[1]): z[k] for k in z.files}
-            except (IndexError, ValueError):
-                raise TaskvecError(f"--nested {args.nested}: arrays must be named n_<size>, got {z.files}") from None
+        nested = _read_nested(args.nested)
+        if sigma is None:
+            raise TaskvecError(f"--nested {args.nested}: the non-parametric rate (ε̂_n² on nested subsets) needs σ; "
+                               "pass --sigma, --residuals or --kernel with --targets")
         inputs["nested"] = {"path": str(args.nested), "sha256": sha256_file(args.nested)}
     measured = None
     if args.measured_errors is not None:
-        try:
-            measured = json.loads(args.measured_errors.read_text())
-            measured["n"], measured["error"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise TaskvecError(f"--measured-errors {args.measured_errors}: expected JSON with keys 'n' and 'error'") from None
+        measured = _read_measured(args.measured_errors)
         inputs["measured_errors"] = {"path": str(args.measured_errors), "sha256": sha256_file(args.measured_errors)}
 
     result = analyse_spectrum(mu, n=args.n, sigma=sigma, radius=radius, window=args.window, tol=args.tol,
                               n_boot=args.bootstrap, seed=args.seed, training=training, nested=nested, measured=measured,
-                              sigma_source=sigma_src or "none", radius_source=radius_src)
+                              sigma_source=sigma_src or "none", radius_source=radius_src, name=spectrum_label)
     if curve is not None:
         from ..theory.stopping import compare_with_curve
 
         pred = result.get("training", {}).get("epochs")
-        result["stopping_vs_curve"] = compare_with_curve(pred, curve["epoch"], curve["error"])
+        with _about(f"--curves {args.curves}"):
+            result["stopping_vs_curve"] = compare_with_curve(pred, curve["epoch"], curve["error"])
         result["stopping_vs_curve"]["metric"] = curve.get("metric")
     kernel_runs = None
     if K is not None and args.targets is not None and args.holdout > 0:
@@ -303,7 +400,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_figures:
             from ..theory.spectrum import fit_spectrum
 
-            fits = fit_spectrum(np.asarray(mu).ravel(), window=args.window, tol=args.tol, n_boot=0)
+            fits = fit_spectrum(np.asarray(mu).ravel(), window=result["decay_fits"]["power"]["window"], tol=args.tol,
+                                n_boot=0, name=spectrum_label)  # the window already resolved (and any clip warned)
             figs += figures.plot_spectrum(mu, fits, tmp)
             if "early_stopping" in result:
                 es = result["early_stopping"]

@@ -42,7 +42,8 @@ def loglog_slope(x, y, level: float = 0.95) -> dict:
     if np.any(x <= 0) or np.any(y <= 0) or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise TaskvecError("log-log rate needs positive finite sample sizes and errors")
     if np.unique(x).size < 2:
-        raise TaskvecError("a rate needs errors at two or more distinct sample sizes")
+        raise TaskvecError(f"a rate needs errors at two or more distinct sample sizes n, got n = "
+                           f"{', '.join(f'{v:g}' for v in sorted(set(x.tolist())))}; add errors measured at another n")
     lx, ly = np.log(x), np.log(y)
     res = stats.linregress(lx, ly)
     dof = x.size - 2
@@ -77,6 +78,9 @@ def measured_rate(ns, errors, level: float = 0.95, *, noise_floor: float = 0.0) 
 
     The theory's rate is for the excess error ‖f̂ − f*‖²; with squared loss, test MSE = excess + σ², so
     pass noise_floor=σ² to fit the excess (every error must then exceed the floor)."""
+    if len(ns) != len(errors):
+        raise TaskvecError(f"{len(ns)} sample sizes n but {len(errors)} errors; give one error (or a list of "
+                           "replicate errors) per n")
     xs, ys = [], []
     for n_k, e in zip(ns, errors):
         e = np.atleast_1d(np.asarray(e, dtype=np.float64)) - float(noise_floor)

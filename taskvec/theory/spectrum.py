@@ -8,11 +8,12 @@ seeded pairs bootstrap.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..errors import TaskvecError
+from ..errors import TaskvecError, TaskvecWarning
 from ._checks import eigenvalues
 
 DEFAULT_TOL = 1e-6
@@ -58,6 +59,11 @@ def noise_cut(mu, tol: float = DEFAULT_TOL) -> int:
     return int(np.sum(mu >= tol * mu[0]))
 
 
+def _n_fittable(mu: np.ndarray, tol: float) -> int:
+    """Leading eigenvalues (sorted descending) a log-space fit can use: ≥ tol·μ̂₁ and > 0."""
+    return int(np.sum((mu >= tol * mu[0]) & (mu > 0)))
+
+
 def _huber_line(x: np.ndarray, y: np.ndarray, robust: bool, iters: int = 100) -> np.ndarray:
     """Intercept and slope of y ≈ a + b·x by Huber IRLS (k = 1.345·MAD scale) or plain OLS."""
     X = np.column_stack([np.ones_like(x), x])
@@ -80,22 +86,57 @@ def _huber_line(x: np.ndarray, y: np.ndarray, robust: bool, iters: int = 100) ->
     return coef
 
 
-def resolve_window(n_total: int, n_above_tol: int, window=None) -> tuple[int, int]:
+def resolve_window(n_total: int, n_above_tol: int, window=None, *, tol: float | None = None,
+                   mu: np.ndarray | None = None, name: str = "eigenvalues") -> tuple[int, int]:
     """1-based inclusive window; default [1, min(n_above_tol, ⌈n/2⌉)] — the bottom half of an
-    empirical spectrum estimates the population eigenvalues poorly."""
+    empirical spectrum estimates the population eigenvalues poorly.
+
+    A LAST beyond the eigenvalues above the noise cut is clipped to them, with a TaskvecWarning.
+    `tol` and `mu` (sorted descending) only make the messages say what prevents a fit."""
     if window is None:
         lo, hi = 1, min(n_above_tol, max(3, int(np.ceil(n_total / 2))))
     else:
         lo, hi = int(window[0]), int(window[1]) if window[1] is not None else n_above_tol
+    given = f"--window {window[0]} {window[1]}" if window is not None else None
     if window is not None and (lo < 1 or (window[1] is not None and hi < lo)):
-        raise TaskvecError(f"decay-fit window [{window[0]}, {window[1]}] must be FIRST ≤ LAST, both ≥ 1 "
+        raise TaskvecError(f"{given}: decay-fit window [{window[0]}, {window[1]}] must be FIRST ≤ LAST, both ≥ 1 "
                            f"(1-based eigenvalue indices, e.g. --window 1 20)")
-    hi = min(hi, n_above_tol)
-    if lo < 1 or hi - lo + 1 < 3:
+    cut = f"--tol {tol:g} × μ̂₁" if tol is not None else "the noise cut tol·μ̂₁"
+    if n_total < 3:
+        raise TaskvecError(f"{name}: only {n_total} eigenvalue(s); a decay fit needs at least 3 — save more of the "
+                           "spectrum (e.g. a larger `taskvec ntk --top-k`)")
+    if n_above_tol < 3:  # no window can hold 3 eigenvalues above the cut
+        n_pos = int(np.sum(mu > 0)) if mu is not None else None
+        if n_pos is not None and n_pos < 3:
+            raise TaskvecError(
+                f"{name}: only {n_pos} of {n_total} eigenvalues are nonzero (the kernel has rank {n_pos}); a decay fit "
+                "needs at least 3 positive eigenvalues, whatever --window and --tol — the eNTK is degenerate on these "
+                "probes: recompute it on more varied probe examples (or check the kernel)")
+        lower = (f"lower --tol to {mu[2] / mu[0]:.2g} (μ̂₃/μ̂₁) or less to fit the small eigenvalues"
+                 if mu is not None and n_pos is not None else "lower --tol to fit the small eigenvalues")
         raise TaskvecError(
-            f"decay-fit window [{lo}, {hi}] has fewer than 3 eigenvalues above the noise cut "
-            f"({n_above_tol} of {n_total} are ≥ tol·μ̂₁); widen the window or lower tol"
-        )
+            f"{name}: only {n_above_tol} of {n_total} eigenvalues are ≥ {cut}, so no --window holds the 3 a decay fit "
+            f"needs (the rest are treated as round-off); {lower} if they are real spectrum, or recompute the kernel "
+            "in float64 if they are not")
+    clipped = hi > n_above_tol and window is not None and window[1] is not None
+    hi = min(hi, n_above_tol)
+    if n_above_tol == n_total:
+        why, fix = f"there are only {n_total} eigenvalues", ""
+    elif mu is not None and n_above_tol == int(np.sum(mu > 0)):
+        why, fix = f"eigenvalues {n_above_tol + 1}–{n_total} are zero", ""
+    else:
+        why, fix = f"eigenvalues {n_above_tol + 1}–{n_total} lie below {cut}", "lower --tol"
+    if hi - lo + 1 < 3:
+        if lo > n_above_tol - 2:
+            raise TaskvecError(
+                f"{given}: {why}, so a window starting at {lo} holds {max(0, hi - lo + 1)} of the 3 a decay fit "
+                f"needs; start --window at {n_above_tol - 2} or lower" + (f", or {fix}" if fix else ""))
+        raise TaskvecError(f"{given} holds {hi - lo + 1} eigenvalue(s); a decay fit needs at least 3 — widen --window "
+                           f"(e.g. --window {lo} {max(lo + 2, min(n_above_tol, int(np.ceil(n_total / 2))))})")
+    if clipped:
+        also = f"there are only {n_total} eigenvalues and " if window[1] > n_total and n_above_tol < n_total else ""
+        warnings.warn(f"{given} clipped to [{lo}, {hi}]: {also}{why}" + (f" ({fix} to fit them)" if fix else ""),
+                      TaskvecWarning, stacklevel=3)
     return lo, hi
 
 
@@ -109,17 +150,18 @@ def fit_decay(
     n_boot: int = 200,
     level: float = 0.95,
     seed: int = 0,
+    name: str = "eigenvalues",
 ) -> DecayFit:
-    """Fit log μ̂_i on log i (model='power') or on i ('exponential') over `window` (1-based, inclusive)."""
+    """Fit log μ̂_i on log i (model='power') or on i ('exponential') over `window` (1-based, inclusive).
+
+    Eigenvalues below tol·μ̂₁ (and zeros, whatever tol) are never fitted; `name` labels the spectrum in errors."""
     if model not in ("power", "exponential"):
         raise TaskvecError(f"decay model must be 'power' or 'exponential', got {model!r}")
-    mu, _ = eigenvalues(mu)
-    n_above = int(np.sum(mu >= tol * mu[0]))
-    lo, hi = resolve_window(mu.size, n_above, window)
+    mu, _ = eigenvalues(mu, name=name)
+    n_above = _n_fittable(mu, tol)
+    lo, hi = resolve_window(mu.size, n_above, window, tol=tol, mu=mu, name=name)
     idx = np.arange(lo, hi + 1, dtype=np.float64)
     vals = mu[lo - 1 : hi]
-    if np.any(vals <= 0):
-        raise TaskvecError(f"decay-fit window [{lo}, {hi}] contains zero eigenvalues; lower the window end")
     x = np.log(idx) if model == "power" else idx
     y = np.log(vals)
     a, b = _huber_line(x, y, robust)
@@ -148,10 +190,13 @@ def fit_decay(
     return fit
 
 
-def fit_spectrum(mu, *, window=None, tol: float = DEFAULT_TOL, n_boot: int = 200, seed: int = 0) -> dict:
+def fit_spectrum(mu, *, window=None, tol: float = DEFAULT_TOL, n_boot: int = 200, seed: int = 0,
+                 name: str = "eigenvalues") -> dict:
     """Both fits over the same window, and which describes the spectrum better (higher R²)."""
-    power = fit_decay(mu, "power", window=window, tol=tol, n_boot=n_boot, seed=seed)
-    expo = fit_decay(mu, "exponential", window=window, tol=tol, n_boot=n_boot, seed=seed)
+    mu, _ = eigenvalues(mu, name=name)
+    window = resolve_window(mu.size, _n_fittable(mu, tol), window, tol=tol, mu=mu, name=name)  # warns once
+    power = fit_decay(mu, "power", window=window, tol=tol, n_boot=n_boot, seed=seed, name=name)
+    expo = fit_decay(mu, "exponential", window=window, tol=tol, n_boot=n_boot, seed=seed, name=name)
     best = "power" if power.r2 >= expo.r2 else "exponential"
     return {"power": power, "exponential": expo, "preferred": best}
 

@@ -353,7 +353,9 @@ def sigma_heldout(residuals) -> dict:
     contains the predictor's own error)."""
     r = np.asarray(residuals, dtype=np.float64).ravel()
     if r.size == 0 or not np.all(np.isfinite(r)):
-        raise TaskvecError("held-out residuals must be a non-empty finite array")
+        got = "an empty array" if r.size == 0 else f"{int(np.sum(~np.isfinite(r)))} NaN/Inf of {r.size} values"
+        raise TaskvecError(f"held-out residuals must be a non-empty finite array, got {got}; give the residuals "
+                           "y − f̂(x) of a fitted model on held-out examples, one per example")
     return {"sigma": float(np.sqrt(np.mean(r**2))), "n": int(r.size),
             "estimator": "RMS of held-out residuals (upper bound: includes the predictor's error)"}
 
@@ -413,10 +415,10 @@ def compare_with_curve(predicted_epochs: float | None, epochs, errors, *, higher
     ep = np.asarray(epochs, dtype=np.float64).ravel()
     err = np.asarray(errors, dtype=np.float64).ravel()
     if ep.size == 0 or ep.size != err.size:
-        raise TaskvecError(f"validation curve needs matching epochs and errors, got {ep.size} and {err.size}")
+        raise TaskvecError(f"validation curve needs one error per epoch, got {ep.size} epochs and {err.size} errors")
     ok = np.isfinite(err)
     if not ok.any():
-        raise TaskvecError("validation curve has no finite errors")
+        raise TaskvecError("validation curve has no finite errors; give at least one evaluated epoch's error")
     ep, err = ep[ok], err[ok]
     best = int(np.argmax(err) if higher_is_better else np.argmin(err))
     out = {"best_epoch_measured": float(ep[best]), "best_error_measured": float(err[best]),

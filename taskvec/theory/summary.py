@@ -15,14 +15,15 @@ from .stopping import early_stopping, sensitivity, translate_to_training
 def analyse_spectrum(mu, *, n: int | None = None, sigma: float | None = None, radius: float = 1.0,
                      window=None, tol: float = DEFAULT_TOL, n_boot: int = 200, seed: int = 0, training: dict | None = None,
                      nested: dict | None = None, measured: dict | None = None, sigma_source: str = "given",
-                     radius_source: str = "given") -> dict:
+                     radius_source: str = "given", name: str = "eigenvalues") -> dict:
     """Decay fits, d(λ), predicted rate; with σ: ε̂_n, T̂, the bound, a σ×R sensitivity table, and T̂ in
     optimiser steps/epochs for `training` = {lr, batch_size, loss, optimizer[, epochs_trained]};
     `nested` = {n_k: eigenvalues} gives the non-parametric rate; `measured` = {"n": [...], "error": [...]}
-    the measured one, compared with both predictions."""
-    mu_arr, info = eigenvalues(mu, n=n)
+    the measured one, compared with both predictions. `mu` may come in any order (it is sorted
+    descending); `name` labels the spectrum in error messages (the CLI passes the file and option)."""
+    mu_arr, info = eigenvalues(mu, n=n, name=name)
     n_ = mu_arr.size
-    fits = fit_spectrum(mu_arr[: len(np.ravel(mu))], window=window, tol=tol, n_boot=n_boot, seed=seed)
+    fits = fit_spectrum(mu_arr[: len(np.ravel(mu))], window=window, tol=tol, n_boot=n_boot, seed=seed, name=name)
     preferred = fits[fits["preferred"]]
     lam_grid = mu_arr[0] * np.logspace(-6, 0, 7)
     out: dict = {
