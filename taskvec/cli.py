@@ -66,7 +66,9 @@ def _calm_progress_in_logs() -> None:
 
 @contextlib.contextmanager
 def _one_line_warnings(command: str):
-    """taskvec's own warnings as 'taskvec CMD: warning: …' on stderr (Python's default adds file and line)."""
+    """taskvec's own warnings as 'taskvec CMD: warning: …' on stderr (Python's default adds file and line),
+    each shown once per command — also when main() runs again in the same process (setting a filter resets
+    Python's once-per-process memory of shown warnings)."""
     show = warnings.showwarning
 
     def show_taskvec(message, category, filename, lineno, file=None, line=None):
@@ -75,11 +77,10 @@ def _one_line_warnings(command: str):
         else:
             show(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show_taskvec
-    try:
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.simplefilter("default", TaskvecWarning)
+        warnings.showwarning = show_taskvec
         yield
-    finally:
-        warnings.showwarning = show
 
 
 def main(argv: list[str] | None = None) -> int:
