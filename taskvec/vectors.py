@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -29,10 +30,30 @@ from .checkpoints import (
     open_checkpoint,
     write_safetensors,
 )
-from .errors import TaskvecError
+from .errors import TaskvecError, TaskvecWarning
 from .scope import resolve_scope
 
 __all__ = ["TaskVector", "extract_pairs"]
+
+TASK_VECTOR_FORMAT = "taskvec-taskvector"  # safetensors metadata 'format' of TaskVector.save files
+
+
+def _is_real(x) -> bool:
+    """A real scalar (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_zero(x) -> bool:
+    return _is_real(x) and x == 0
+
+
+def _combined_meta(a: dict, b: dict) -> dict:
+    """Provenance of a sum: the base and its fingerprint when both operands agree on them."""
+    meta = {"op": "combine"}
+    for key in ("base", "base_fingerprint", "scope"):
+        if key in a and a.get(key) == b.get(key):
+            meta[key] = a[key]
+    return meta
 
 
 def extract_pairs(base: Checkpoint, ft: Checkpoint, scope="body"):
@@ -84,9 +105,20 @@ def _sidecar_files(src: Path) -> list[Path]:
 
 
 class TaskVector:
-    """τ as an ordered dict of named tensors (base names), with arithmetic and (de)serialisation."""
+    """τ as an ordered dict of named floating-point tensors (base names), with arithmetic and
+    (de)serialisation: ``a + b``, ``a - b``, ``-a``, ``0.5 * a`` (any real scalar, numpy's included),
+    ``a / 2``, ``sum([a, b])``."""
+
+    __array_ufunc__ = None  # numpy scalars on the left (np.float64(0.5) * τ) defer to __rmul__/__radd__
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict | None = None):
+        for k, v in dict(tensors).items():
+            if not isinstance(v, torch.Tensor):
+                raise TaskvecError(f"tensor {k!r} is a {type(v).__name__}, not a torch.Tensor; build a TaskVector "
+                                   "from tensors (torch.as_tensor(...)) or with TaskVector.from_checkpoints")
+            if not v.is_floating_point():
+                raise TaskvecError(f"tensor {k!r} has dtype {v.dtype}; a task vector holds floating-point "
+                                   "differences (convert with .float())")
         self._t = dict(tensors)
         self.meta = dict(meta or {})
 
@@ -121,6 +153,7 @@ class TaskVector:
 
     # ------------------------------------------------------------------ mapping protocol
     def keys(self) -> list[str]:
+        """Tensor names (the base checkpoint's), in extraction order."""
         return list(self._t)
 
     def items(self):
@@ -142,6 +175,7 @@ class TaskVector:
         return len(self._t)
 
     def numel(self) -> int:
+        """Number of entries over all tensors."""
         return sum(t.numel() for t in self._t.values())
 
     def __repr__(self) -> str:
@@ -149,19 +183,21 @@ class TaskVector:
 
     # ------------------------------------------------------------------ arithmetic
     def _combine(self, other: "TaskVector", sign: float) -> "TaskVector":
+        """self + sign·other over the union of keys, each tensor in the wider of the two dtypes."""
         out = {k: v.clone() for k, v in self._t.items()}
         for k, v in other.items():
             if k in out:
                 if out[k].shape != v.shape:
                     raise TaskvecError(f"tensor {k!r}: shapes {tuple(out[k].shape)} and {tuple(v.shape)} differ; "
                                        "the task vectors come from different bases")
-                out[k] = out[k].add_(v.to(out[k].dtype), alpha=sign)
+                dt = torch.promote_types(out[k].dtype, v.dtype)  # bf16 + fp32 keeps the fp32 contribution
+                out[k] = out[k].to(dt).add_(v.to(dt), alpha=sign)
             else:
                 out[k] = v.clone() if sign > 0 else -v
-        return TaskVector(out, {"op": "combine"})
+        return TaskVector(out, _combined_meta(self.meta, other.meta))
 
     def __add__(self, other):
-        if isinstance(other, numbers.Number) and other == 0:  # sum([...]) starts from 0
+        if _is_zero(other):  # sum([...]) starts from 0
             return TaskVector({k: v.clone() for k, v in self._t.items()}, self.meta)
         if not isinstance(other, TaskVector):
             return NotImplemented
@@ -170,31 +206,43 @@ class TaskVector:
     __radd__ = __add__
 
     def __sub__(self, other):
+        if _is_zero(other):
+            return TaskVector({k: v.clone() for k, v in self._t.items()}, self.meta)
         if not isinstance(other, TaskVector):
             return NotImplemented
         return self._combine(other, -1.0)
+
+    def __rsub__(self, other):
+        return -self if _is_zero(other) else NotImplemented
 
     def __neg__(self) -> "TaskVector":
         return TaskVector({k: -v for k, v in self._t.items()}, {**self.meta, "op": "neg"})
 
     def __mul__(self, alpha):
-        if not isinstance(alpha, numbers.Number):
+        if not _is_real(alpha):
             return NotImplemented
+        if not math.isfinite(float(alpha)):
+            raise TaskvecError(f"cannot scale a task vector by {alpha}; give a finite number")
         return TaskVector({k: v * float(alpha) for k, v in self._t.items()}, {**self.meta, "op": f"scale {alpha}"})
 
     __rmul__ = __mul__
 
     def __truediv__(self, alpha):
-        if not isinstance(alpha, numbers.Number):
+        if not _is_real(alpha):
             return NotImplemented
+        if float(alpha) == 0:
+            raise TaskvecError("cannot divide a task vector by 0")
         return self * (1.0 / float(alpha))
 
     def to(self, dtype: torch.dtype) -> "TaskVector":
+        """The same task vector with every tensor cast to `dtype`."""
         return TaskVector({k: v.to(dtype) for k, v in self._t.items()}, self.meta)
 
     # ------------------------------------------------------------------ geometry (float64 accumulation)
     def dot(self, other: "TaskVector") -> float:
         """⟨τ, σ⟩ over shared keys (absent tensors are zero)."""
+        if not isinstance(other, TaskVector):
+            raise TypeError(f"dot needs another TaskVector, not {type(other).__name__}")
         total = 0.0
         for k, v in self._t.items():
             if k in other:
@@ -209,26 +257,37 @@ class TaskVector:
         return {k: float(torch.linalg.vector_norm(v.double())) for k, v in self._t.items()}
 
     def norm(self) -> float:
+        """‖τ‖₂ over all tensors (float64 accumulation)."""
         return math.sqrt(sum(n * n for n in self.norms().values()))
 
     def cosine(self, other: "TaskVector") -> float:
         """cos(τ, σ); NaN if either is zero."""
+        if not isinstance(other, TaskVector):
+            raise TypeError(f"cosine needs another TaskVector, not {type(other).__name__}")
         d = self.norm() * other.norm()
         return self.dot(other) / d if d > 0 else float("nan")
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> Path:
         """Write as one safetensors file (metadata 'taskvec' = JSON meta), atomically."""
+        if Path(path).is_dir():
+            raise TaskvecError(f"{path} is a folder; give a file name, e.g. {Path(path) / 'tau.safetensors'}")
         specs = {k: (tuple(v.shape), v.dtype) for k, v in self._t.items()}
-        meta = {"format": "taskvec-taskvector", "taskvec": json.dumps(self.meta, default=str)}
+        meta = {"format": TASK_VECTOR_FORMAT, "taskvec": json.dumps(self.meta, default=str)}
         return write_safetensors(path, specs, lambda k: self._t[k], metadata=meta)
 
     @classmethod
     def load(cls, path) -> "TaskVector":
+        """A task vector written by `save` (a safetensors file tagged format=taskvec-taskvector; model weights
+        are refused: they are θ, not τ)."""
         path = Path(path)
         if not path.is_file():
             raise TaskvecError(f"{path}: no such task vector file; create one with TaskVector.save()")
         ck = SafetensorsCheckpoint(str(path), [path], None)
+        if (ck.metadata or {}).get("format") != TASK_VECTOR_FORMAT:
+            raise TaskvecError(f"{path} is not a task vector written by TaskVector.save (no format="
+                               f"{TASK_VECTOR_FORMAT} metadata): model weights are θ, not τ; extract τ with "
+                               "TaskVector.from_checkpoints(base, finetuned)")
         meta = json.loads(ck.metadata.get("taskvec", "{}"))
         return cls({k: ck.get(k, None) for k in ck.keys()}, meta)
 
@@ -239,9 +298,16 @@ class TaskVector:
         folder; tensors in the base's storage dtype; shard layout kept). Streams one tensor at a time."""
         from .io import atomic_dir, atomic_write_json
 
+        if not _is_real(alpha) or not math.isfinite(float(alpha)):
+            raise TaskvecError(f"alpha={alpha!r}: give a finite number (the scale of τ added to the base)")
         base = open_checkpoint(base, allow_network=allow_network)
         if base.is_delta:
             raise TaskvecError(f"{base.source}: cannot apply a task vector to a LoRA adapter; pass its base model")
+        fp = self.meta.get("base_fingerprint")
+        if fp and fp != base.fingerprint():
+            warnings.warn(f"{base.source} is not the base this task vector was extracted from "
+                          f"({self.meta.get('base', 'unknown')}: other weights); θ₀ + α·τ of another model is "
+                          "rarely meant", TaskvecWarning, stacklevel=2)
         bkeys = base.keys()
         bset = set(bkeys)
         bmap = _canonical_map(bkeys)
@@ -270,7 +336,11 @@ class TaskVector:
             if k not in where:
                 return t
             work = torch.float64 if t.dtype == torch.float64 else torch.float32
-            return (t.to(work) + float(alpha) * self._t[where[k]].to(work)).to(t.dtype)
+            new = (t.to(work) + float(alpha) * self._t[where[k]].to(work)).to(t.dtype)
+            if not bool(torch.isfinite(new).all()):
+                raise TaskvecError(f"tensor {k!r}: θ₀ + {alpha}·τ holds NaN/Inf (τ or θ₀ is not finite there, or it "
+                                   f"overflows {t.dtype}); nothing was written")
+            return new
 
         src = Path(base.source)
         with atomic_dir(out_dir, overwrite=overwrite, inputs=[base.source]) as tmp:

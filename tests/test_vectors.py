@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -225,3 +227,68 @@ def test_command_line_mistakes_are_one_line(capsys):
         main(["vectors"])
     assert capsys.readouterr().err.strip() == ("taskvec vectors: error: the following arguments are required: "
                                                "base, FT, --out (see 'taskvec vectors --help')")
+
+
+def test_taskvector_arithmetic_with_numpy_scalars_dtypes_and_misuse(coll, tmp_path):
+    """An α sweep with numpy scalars works (numpy must not turn τ into an array of its keys); mixed dtypes
+    promote (a bf16 + fp32 sum keeps the fp32 part); misuse is a clear error, never a raw one."""
+    import numpy as np
+
+    tv = TaskVector.from_checkpoints(coll["base"], coll["ft"][0], progress=False)
+    k = tv.keys()[0]
+    for a in np.linspace(0, 1, 3):
+        assert torch.equal((a * tv)[k], tv[k] * float(a)) and torch.equal((tv * a)[k], tv[k] * float(a))
+    assert torch.equal((np.float32(2) * tv)[k], 2 * tv[k])
+    assert torch.equal((tv - 0)[k], tv[k]) and torch.equal((0 - tv)[k], -tv[k]) and torch.equal(sum([tv])[k], tv[k])
+    lo = TaskVector({"x": torch.ones(2, dtype=torch.bfloat16)})
+    hi = TaskVector({"x": torch.full((2,), 1e-3)})
+    for s in (lo + hi, hi + lo):
+        assert s["x"].dtype == torch.float32 and torch.allclose(s["x"], torch.full((2,), 1.001))
+    with pytest.raises(TypeError):
+        tv * "2"
+    with pytest.raises(TypeError):
+        tv * True
+    with pytest.raises(TypeError):
+        tv + 1
+    with pytest.raises(TaskvecError, match="finite"):
+        tv * float("nan")
+    with pytest.raises(TaskvecError, match="divide a task vector by 0"):
+        tv / 0
+    with pytest.raises(TypeError, match="dot needs another TaskVector, not int"):
+        tv.dot(3)
+    with pytest.raises(TypeError, match="cosine needs another TaskVector, not Tensor"):
+        tv.cosine(torch.ones(3))
+    with pytest.raises(TaskvecError, match="'x' is a list, not a torch.Tensor"):
+        TaskVector({"x": [1.0, 2.0]})
+    with pytest.raises(TaskvecError, match="'x' has dtype torch.int64"):
+        TaskVector({"x": torch.arange(3)})
+    with pytest.raises(TaskvecError, match="is a folder; give a file name"):
+        tv.save(tmp_path)
+    # a sum keeps the base it was extracted from (apply_to's record names it)
+    both = tv + TaskVector.from_checkpoints(coll["base"], coll["ft"][1], progress=False)
+    assert both.meta["base"] == tv.meta["base"] and both.meta["base_fingerprint"] == tv.meta["base_fingerprint"]
+
+
+def test_load_refuses_model_weights_and_apply_to_refuses_non_finite_or_warns_on_another_base(coll, tmp_path):
+    """Model weights are θ, not τ: TaskVector.load refuses them. apply_to with a non-finite α or a τ that
+    overflows writes nothing; applying τ to a model other than its base is a warning."""
+    import warnings as w
+
+    from taskvec.errors import TaskvecWarning
+
+    tv = TaskVector.from_checkpoints(coll["base"], coll["ft"][0], progress=False)
+    weights = next(Path(coll["base"]).glob("*.safetensors"))
+    with pytest.raises(TaskvecError, match="not a task vector written by TaskVector.save"):
+        TaskVector.load(weights)
+    assert TaskVector.load(tv.save(tmp_path / "tau.safetensors")).keys() == tv.keys()
+    for alpha in (float("nan"), float("inf"), "1"):
+        with pytest.raises(TaskvecError, match="give a finite number"):
+            tv.apply_to(coll["base"], tmp_path / "bad", alpha=alpha, progress=False)
+    with pytest.raises(TaskvecError, match="holds NaN/Inf"):
+        (tv * 1e38).apply_to(coll["base"], tmp_path / "bad", alpha=1e3, progress=False)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.partial-*"))
+    with pytest.warns(TaskvecWarning, match="is not the base this task vector was extracted from"):
+        tv.apply_to(coll["ft"][1], tmp_path / "other", progress=False)
+    with w.catch_warnings():
+        w.simplefilter("error", TaskvecWarning)
+        tv.apply_to(coll["base"], tmp_path / "own", progress=False)
