@@ -687,15 +687,31 @@ def _open_gguf(path: Path, config_dir: Path | None = None) -> Checkpoint:
 
 def open_checkpoint(source, *, allow_network: bool = False) -> Checkpoint:
     """Open `source` lazily: a folder, a .safetensors / *.index.json / .bin / .pt / .gguf file, a PEFT
-    LoRA adapter folder, or a hub id (local HF cache always; download only with allow_network)."""
+    LoRA adapter folder, or a hub id (local HF cache always; download only with allow_network).
+
+    A task-vector file written by `TaskVector.save` is refused: it holds τ, not model weights (read it
+    with `TaskVector.load`)."""
     if isinstance(source, Checkpoint):
-        return source
+        return _refuse_task_vector(source)
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
-        return _open_folder(path)
+        return _refuse_task_vector(_open_folder(path))
     if path.is_file():
-        return _open_file(path)
-    return _open_hub(str(source), allow_network)
+        return _refuse_task_vector(_open_file(path))
+    return _refuse_task_vector(_open_hub(str(source), allow_network))
+
+
+TASK_VECTOR_FORMAT = "taskvec-taskvector"  # safetensors metadata 'format' of a TaskVector.save file
+
+
+def _refuse_task_vector(ck: Checkpoint) -> Checkpoint:
+    """`ck`, unless it is a task vector saved by taskvec: used as a base or fine-tune, τ would be read as
+    weights (τ of a τ, a merge of differences) and give silent garbage."""
+    if getattr(ck, "metadata", {}).get("format") == TASK_VECTOR_FORMAT:
+        raise TaskvecError(f"{ck.source}: a taskvec task vector (TaskVector.save) holds τ = θ_ft − θ₀, not model "
+                           "weights; load it with TaskVector.load(path) and write a model with "
+                           ".apply_to(base, out_dir), then pass that folder")
+    return ck
 
 
 def _open_file(path: Path, config: dict | None = None) -> Checkpoint:
@@ -1107,3 +1123,29 @@ def warn_extra_tensors(extra: dict[str, list[str]], fate: str, listed: str) -> N
     for src, names in ((s, n) for s, n in extra.items() if n):
         warnings.warn(f"{src} holds {len(names)} tensor(s) the base lacks ({name_list(names, 3)}), {fate}: an "
                       f"added head or a different architecture? (all listed in {listed})", TaskvecWarning, stacklevel=2)
+
+
+def source_list(sources, what: str = "fine-tunes") -> list:
+    """`sources` as a list: a single path, hub id or Checkpoint becomes a one-element list (a string is never
+    iterated character by character); other iterables are listed as they are."""
+    if isinstance(sources, (str, bytes, os.PathLike, Checkpoint)):
+        return [os.fsdecode(sources) if isinstance(sources, bytes) else sources]
+    if sources is None:
+        raise TaskvecError(f"no {what} given; pass a list of paths (or one path)")
+    try:
+        return list(sources)
+    except TypeError:
+        raise TaskvecError(f"{what}: expected a path or a list of paths, got {type(sources).__name__}") from None
+
+
+def name_sequence(names) -> list[str] | None:
+    """Task names as a list: None stays None (default names), a string is comma-separated ('a,b'), as on
+    the command line's --names; other iterables are listed as strings."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        return [n.strip() for n in names.split(",")]
+    try:
+        return [str(n) for n in names]
+    except TypeError:
+        raise TaskvecError(f"names: expected a list of task names or 'a,b,…', got {type(names).__name__}") from None

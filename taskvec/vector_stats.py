@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import Checkpoint, check_finite, counted, name_list, open_checkpoint
+from .checkpoints import Checkpoint, check_finite, counted, name_list, name_sequence, open_checkpoint, source_list
 from .errors import TaskvecError, TaskvecWarning
 from .scope import group_of, layer_of
 from .vectors import default_task_names, extract_pairs
@@ -140,13 +140,16 @@ class CollectionStats:
     spectra: dict = field(default_factory=dict)  # task -> tensor -> singular values (np.ndarray)
 
     def to_dict(self) -> dict:
+        """The vectors.json dictionary (JSON-ready; fields in docs/vectors_schema.md); not a copy."""
         return self.data
 
     @property
     def names(self) -> list[str]:
+        """The task names, in the order of the fine-tunes (rows/columns of `cosine()`)."""
         return self.data["tasks"]
 
     def cosine(self) -> np.ndarray:
+        """T×T matrix of cosines cos(τ_s, τ_t) over the scope (float; NaN where a τ is zero), ordered as `names`."""
         return np.array(self.data["cosine"], dtype=float)
 
 
@@ -200,18 +203,19 @@ class _Buffers:
 
 
 def collection_statistics(base, fts, names=None, scope="body", **kwargs) -> dict:
-    """collection_stats(...).to_dict(): the vectors.json dictionary (used by the report pipeline)."""
+    """collection_stats(...).to_dict(): the vectors.json dictionary (used by the report pipeline).
+    `fts` may be one path; `names` a list or 'a,b,…'."""
     return collection_stats(base, fts, names, scope, **kwargs).to_dict()
 
 
 def _resolve_inputs(base, fts, names, scope, allow_network):
     base = open_checkpoint(base, allow_network=allow_network)
-    fts = [open_checkpoint(f, allow_network=allow_network) for f in fts]
+    fts = [open_checkpoint(f, allow_network=allow_network) for f in source_list(fts)]
     if not fts:
         raise TaskvecError("give at least one fine-tuned checkpoint")
+    names = name_sequence(names)
     if names is None:
         names = default_task_names([f.source for f in fts])
-    names = list(names)
     if len(names) != len(fts):
         raise TaskvecError(f"--names has {counted(len(names), 'name')} for {counted(len(fts), 'fine-tune')}; give one name per fine-tune")
     if any(not n for n in names):
@@ -235,6 +239,10 @@ def collection_stats(base, fts, names=None, scope="body", *, top_k_percent=(1.0,
                      allow_network: bool = False, threads: int | None = 1, workers: int | None = None,
                      basic: bool = False) -> CollectionStats:
     """Stream over base and fine-tunes tensor by tensor and compute the statistics in this module's docstring.
+
+    base / fts: paths, hub ids or open Checkpoints (`fts` a list, or one path for a single fine-tune).
+    names: one task name per fine-tune, a list or 'a,b,…' (default: the shortest path suffixes that tell
+    the fine-tunes apart).
 
     spectra_max_dim: singular values only for 2-D tensors with min(shape) ≤ this (0 = none; SVD is the
     one super-linear cost here). threads: torch threads while streaming (default 1: the work is

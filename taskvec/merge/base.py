@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import re
 import warnings
 from pathlib import Path
-from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -31,8 +32,9 @@ TRIMS = {
 class MergeParams:
     """Plain merge parameters, named as mergekit names them.
 
-    weights / densities: one value per fine-tune (a single value is broadcast by `resolve`). densities None:
-    not given — mergekit's default 1 (nothing trimmed or dropped), with a warning for ties and dare_*.
+    weights / densities: one value per fine-tune, or a single value (a number or a 1-tuple) broadcast to all
+    by `resolve`; stored as tuples of floats. densities None: not given — mergekit's default 1 (nothing
+    trimmed or dropped), with a warning for ties and dare_*.
     lambda_: global scale of the merged task vector. normalize / rescale: None = method default.
     trim: TIES trimming scope ("tensor" or "global"). seed: DARE drop seed.
     """
@@ -44,6 +46,60 @@ class MergeParams:
     rescale: str | None = None
     trim: str = "tensor"
     seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights", _float_tuple(self.weights, "weights"))
+        if self.densities is not None:
+            object.__setattr__(self, "densities", _float_tuple(self.densities, "densities"))
+        try:
+            object.__setattr__(self, "lambda_", float(self.lambda_))
+        except (TypeError, ValueError):
+            raise TaskvecError(f"MergeParams lambda_={self.lambda_!r}: give a number") from None
+
+
+def _float_tuple(values, what: str) -> tuple[float, ...]:
+    """A number → (x,); a sequence of numbers → a tuple of floats; anything else → TaskvecError."""
+    example = "0.5" if what == "weights" else "0.3"
+    if isinstance(values, (str, bytes)) or values is None:
+        raise TaskvecError(f"MergeParams {what}={values!r}: give a number (broadcast to every fine-tune) or one "
+                           f"number per fine-tune, e.g. {what}={example} or {what}=({example}, {example})")
+    if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:  # also a 0-d array / tensor
+        values = (values,)
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise TaskvecError(f"MergeParams {what}={values!r}: give a number (broadcast to every fine-tune) or one "
+                           f"number per fine-tune, e.g. {what}={example} or {what}=({example}, {example})") from None
+    if not out:
+        raise TaskvecError(f"MergeParams {what}=(): give at least one value (one is broadcast to every fine-tune)")
+    return out
+
+
+_PARAM_ALIASES = {"lambda": "lambda_", "weight": "weights", "density": "densities"}
+
+
+def as_merge_params(params) -> MergeParams:
+    """`params` as MergeParams: None → the defaults; a dict (mapping) of MergeParams fields → MergeParams(**d)
+    ('lambda', 'weight', 'density' accepted for lambda_, weights, densities); unknown keys or another type →
+    TaskvecError."""
+    if params is None:
+        return MergeParams()
+    if isinstance(params, MergeParams):
+        return params
+    if isinstance(params, Mapping):
+        valid = [f.name for f in fields(MergeParams)]
+        kw, given_as = {}, {}
+        for key, value in params.items():
+            name = _PARAM_ALIASES.get(key, key)
+            if name not in valid:
+                raise TaskvecError(f"merge params: unknown key {key!r}; valid keys are {', '.join(valid)}")
+            if name in kw:
+                raise TaskvecError(f"merge params: {name} is given twice (as {given_as[name]!r} and {key!r}); "
+                                   "keep one")
+            kw[name], given_as[name] = value, key
+        return MergeParams(**kw)
+    raise TaskvecError(f"merge params: expected MergeParams or a dict of its fields, got {type(params).__name__}; "
+                       "e.g. MergeParams(weights=0.5, densities=0.3)")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import align, check_finite, extra_tensors, name_list, open_checkpoint
+from ..checkpoints import align, check_finite, extra_tensors, name_list, name_sequence, open_checkpoint, source_list
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json
 from ..scope import group_of, resolve_scope
@@ -98,10 +98,12 @@ def tensor_report(name: str, b: np.ndarray, m: np.ndarray, thetas: Sequence[np.n
 
 def check_merge(base, merged, finetunes: Sequence, *, scope: str = "all", progress: bool = True,
                 names: Sequence[str] | None = None) -> dict:
-    """Audit `merged` against `base` and `finetunes` (paths or Checkpoints); return the report dict.
-    Tasks are reported as `names` (default: the shortest path suffixes that tell the fine-tunes apart)."""
+    """Audit `merged` against `base` and `finetunes` (paths or Checkpoints; a list, or one path); return the
+    report dict. Tasks are reported as `names`, a list or 'a,b,…' (default: the shortest path suffixes that
+    tell the fine-tunes apart)."""
     from .retention_data import task_names
 
+    finetunes = source_list(finetunes)
     labels = task_names([str(f.source if hasattr(f, "source") else f) for f in finetunes], names)
     refuse_duplicate_finetunes(finetunes, "a task listed twice cannot be told apart from itself in the fit")
 

@@ -15,19 +15,20 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoints import Checkpoint, align, check_finite, extra_tensors, open_checkpoint, write_safetensors
+from ..checkpoints import (Checkpoint, align, check_finite, extra_tensors, open_checkpoint, source_list,
+                           write_safetensors)
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
-from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, refuse_duplicate_finetunes,
-                   refuse_same_content)
+from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, as_merge_params,
+                   refuse_duplicate_finetunes, refuse_same_content)
 from .ties import GlobalMagnitudeThreshold
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -124,23 +125,34 @@ def _read_base(base: Checkpoint, name: str, merged: bool) -> torch.Tensor:
     return t
 
 
-def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod, params: MergeParams | None = None,
-                      out: str | Path = "merged", *, out_dtype: str | None = None, scope: str = "all",
-                      max_shard_size: int | str = "5GB", progress: bool = True, extra_record: dict | None = None,
-                      overwrite: bool = False) -> Path:
+def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod,
+                      params: MergeParams | Mapping | None = None, out: str | Path | None = None, *,
+                      out_dtype: str | None = None, scope: str = "all", max_shard_size: int | str = "5GB",
+                      progress: bool = True, extra_record: dict | None = None, overwrite: bool = False) -> Path:
     """Merge `finetunes` onto `base` with `method` and write a Hugging Face folder `out`; return its path.
 
-    base / finetunes: paths, hub ids or open Checkpoints. params: MergeParams (defaults: weight 1 each).
+    base / finetunes: paths, hub ids or open Checkpoints (`finetunes` a list, or one path for a single
+    fine-tune). method: a mergekit name ("task_arithmetic", "ties", "dare_linear", "dare_ties", "linear").
+    params: MergeParams, or a dict of its fields (e.g. {"weights": 0.5, "densities": 0.3}); None: weight 1
+    each. out: the folder to write (required; nothing is written to a default place).
     out_dtype: "float32" | "bfloat16" | "float16" | None (keep each tensor's base dtype). scope: which
-    tensors are merged (others are copied from the base and listed in the record). Arithmetic is fp32.
+    tensors are merged (others are copied from the base and listed in the record). The default here is
+    "all" — every floating tensor, embeddings and heads included, as mergekit merges — whereas
+    `TaskVector.from_checkpoints` and `collection_stats` default to "body" (word embeddings, output head and
+    pooler/classifier heads left out); pass scope="body" to merge exactly the τ those describe. Arithmetic is fp32.
     overwrite: replace `out` if taskvec wrote it (an earlier merge or another taskvec output), never an input.
     """
+    if out is None:
+        raise TaskvecError("merge_checkpoints: no output folder; pass out=\"path/to/merged\" (a new folder, or "
+                           "one taskvec merged with overwrite=True)")
     out = Path(out)
+    finetunes = source_list(finetunes)
+    params = as_merge_params(params)
     method = get_method(method) if isinstance(method, str) else method
     if out_dtype is not None and out_dtype not in DTYPES:
         raise TaskvecError(f"--dtype {out_dtype!r}: choose one of {sorted(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    params = method.resolve(params or MergeParams(), len(finetunes), finetunes)
+    params = method.resolve(params, len(finetunes), finetunes)
     refuse_duplicate_finetunes(finetunes, "give it a larger --weight to count it more")
     srcs = [str(getattr(s, "source", s)) for s in [base, *finetunes]]
     refuse_existing_output(out, srcs, overwrite)

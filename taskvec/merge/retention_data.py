@@ -167,12 +167,16 @@ def retention_outputs(base, finetunes: Sequence, *, output: str, head=None,
     output options (head, label words, max length), so a caller can fail fast before a long pass.
 
     The head of task A (encoders): `head` when given, else the one saved beside fine-tune A, else the
-    one beside the base. `label_words`: the classes of logits / margin (as `make_output` takes them)."""
+    one beside the base. `label_words`: the classes of logits / margin (as `make_output` takes them).
+    `finetunes`: a list, or one path."""
     import torch
+
+    from ..checkpoints import source_list
 
     from ..models import load_model, load_tokenizer
     from ..outputs import LinearHead, make_output, read_head_beside
 
+    finetunes = source_list(finetunes)
     model = load_model(base, dtype=torch.float32)
     tok = load_tokenizer(base)
     fixed = LinearHead.load(head) if head is not None else None
@@ -195,13 +199,14 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
 
     `outputs`: from `retention_outputs` (built here from output/head/label_words/max_length when not
     given). τ_t and θ_m − θ₀ are taken over `scope` (the check's), so with the default 'all' the
-    measured change is that of the merged model itself.
+    measured change is that of the merged model itself. `finetunes` and `data` may each be one path
+    (a single task); `names` a list or 'a,b,…'.
     """
-    from ..checkpoints import match_parameter_names
+    from ..checkpoints import match_parameter_names, source_list
     from ..io import sha256_file
     from ..vectors import TaskVector
 
-    finetunes, data = list(finetunes), list(data)
+    finetunes, data = source_list(finetunes), source_list(data, "--data files")
     if len(data) != len(finetunes):
         raise TaskvecError(f"--data gives {len(data)} JSONL file(s) but there are {len(finetunes)} fine-tunes; "
                            "give one evaluation set per fine-tune, in the same order")
@@ -228,12 +233,14 @@ def retention_from_paths(base, merged, finetunes: Sequence, data: Sequence, lamb
 
 
 def task_names(finetunes: Sequence, names: Sequence[str] | None = None) -> list[str]:
-    """`names` checked against the fine-tunes, or the shortest distinct path suffixes of them."""
+    """`names` (a list or 'a,b,…') checked against the fine-tunes, or the shortest distinct path suffixes of them."""
+    from ..checkpoints import name_sequence, source_list
     from ..vectors import default_task_names
 
+    finetunes = source_list(finetunes)
+    names = name_sequence(names)
     if names is None:
         return default_task_names([str(f) for f in finetunes])
-    names = [str(n) for n in names]
     if len(names) != len(finetunes):
         raise TaskvecError(f"--names has {counted(len(names), 'name')} for {counted(len(finetunes), 'fine-tune')}; give one name per "
                            "fine-tune, in the same order")

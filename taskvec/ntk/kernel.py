@@ -72,6 +72,7 @@ class KernelResult:
 
     @property
     def n(self) -> int:
+        """The number of probe examples (from `info`); K/n is the normalised kernel whose eigenvalues are kept."""
         return int(self.info["n"])
 
     def save(self, folder) -> Path:
@@ -87,6 +88,7 @@ class KernelResult:
 
     @classmethod
     def load(cls, folder) -> "KernelResult":
+        """Read a kernel folder written by `save` or `taskvec ntk` (kernel.npy is optional: Lanczos writes none)."""
         import json
 
         folder = Path(folder)

@@ -10,10 +10,23 @@ from ..errors import TaskvecError
 def eigenvalues(mu, *, name: str = "eigenvalues", n: int | None = None) -> tuple[np.ndarray, dict]:
     """Return eigenvalues of K/n as float64, sorted descending, round-off negatives clipped to 0.
 
-    If `n` exceeds the number given (a top-k spectrum), the missing eigenvalues are taken as 0,
-    which makes R̂(ε) a lower bound; the returned info says so.
+    `mu`: a 1-D array (a single row or column is accepted too) or a `taskvec.ntk.KernelResult`, whose
+    `eigenvalues` are used (pass `n` yourself when it holds only the top-k). A matrix is refused: the
+    eigenvalues of K/n are wanted, not K. If `n` exceeds the number given (a top-k spectrum), the missing
+    eigenvalues are taken as 0, which makes R̂(ε) a lower bound; the returned info says so.
     """
-    arr = np.asarray(mu, dtype=np.float64).ravel()
+    if not isinstance(mu, np.ndarray) and hasattr(mu, "eigenvalues") and hasattr(mu, "eigenvectors"):
+        mu = mu.eigenvalues  # a KernelResult (duck-typed: theory stays free of torch)
+    try:
+        arr = np.asarray(mu, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TaskvecError(f"{name}: expected numbers (the eigenvalues of K/n), got {type(mu).__name__}; pass "
+                           "a 1-D array such as KernelResult.eigenvalues") from None
+    if sum(s > 1 for s in arr.shape) > 1:
+        raise TaskvecError(f"{name}: got a {'×'.join(map(str, arr.shape))} array, not a vector of eigenvalues; pass "
+                           "the eigenvalues of K/n (e.g. KernelResult.eigenvalues, or np.linalg.eigvalsh(K / n) "
+                           "for a kernel matrix K)")
+    arr = arr.ravel()
     if arr.size == 0:
         raise TaskvecError(f"{name}: empty array; pass the eigenvalues of K/n (one per probe example)")
     if not np.all(np.isfinite(arr)):

@@ -41,12 +41,14 @@ class DecayFit:
     extra: dict = field(default_factory=dict)
 
     def predict(self, i) -> np.ndarray:
+        """The fitted eigenvalue μ̂_i at 1-based index (or array of indices) `i`: c·i^(−rate) or c·e^(−rate·i)."""
         i = np.asarray(i, dtype=np.float64)
         if self.model == "power":
             return self.c * i ** (-self.rate)
         return self.c * np.exp(-self.rate * i)
 
     def to_dict(self) -> dict:
+        """The fit's fields as a JSON-ready dict, with the parameter's name and the formula spelled out."""
         d = asdict(self)
         d["parameter"] = "beta" if self.model == "power" else "gamma"
         d["formula"] = "mu_i = c * i^-beta" if self.model == "power" else "mu_i = c * exp(-gamma * i)"

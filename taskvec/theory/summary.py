@@ -23,7 +23,7 @@ def analyse_spectrum(mu, *, n: int | None = None, sigma: float | None = None, ra
     descending); `name` labels the spectrum in error messages (the CLI passes the file and option)."""
     mu_arr, info = eigenvalues(mu, n=n, name=name)
     n_ = mu_arr.size
-    fits = fit_spectrum(mu_arr[: len(np.ravel(mu))], window=window, tol=tol, n_boot=n_boot, seed=seed, name=name)
+    fits = fit_spectrum(mu_arr[: mu_arr.size - info.get("padded_zeros", 0)], window=window, tol=tol, n_boot=n_boot, seed=seed, name=name)
     preferred = fits[fits["preferred"]]
     lam_grid = mu_arr[0] * np.logspace(-6, 0, 7)
     out: dict = {
