@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoints import (
     Checkpoint,
     SafetensorsCheckpoint,
+    TASK_VECTOR_FORMAT,
     WEIGHT_SUFFIXES,
     _canonical_map,
     align,
@@ -34,9 +35,6 @@ from .errors import TaskvecError, TaskvecWarning
 from .scope import resolve_scope
 
 __all__ = ["TaskVector", "extract_pairs"]
-
-TASK_VECTOR_FORMAT = "taskvec-taskvector"  # safetensors metadata 'format' of TaskVector.save files
-
 
 def _is_real(x) -> bool:
     """A real scalar (Python or numpy), not a bool."""
