@@ -112,12 +112,51 @@ def _holds_model(path: Path) -> str | None:
     return None
 
 
-def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), internal: bool = False) -> None:
+def built_model(path: Path) -> bool:
+    """Whether folder `path` is a model taskvec built (a merge or an apply_to output: it holds the record)."""
+    return any((Path(path) / f).is_file() for f in _MODEL_RECORDS)
+
+
+def _listing(root: Path) -> dict[str, list[int]]:
+    """Every file under `root` (but the marker) → [size, mtime_ns]: what taskvec wrote, to compare later."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != OUTPUT_MARKER:
+            st = p.stat()
+            out[p.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _changed_since_written(path: Path) -> list[str] | None:
+    """Files added or changed in a taskvec output since it was written (per its marker's listing); None when
+    the marker holds no listing (written by an older taskvec)."""
+    try:
+        recorded = json.loads((path / OUTPUT_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    return [name for name, stamp in _listing(path).items() if recorded.get(name) != stamp]
+
+
+def _nested_model(path: Path) -> str | None:
+    """A model checkpoint or collection in a subfolder of `path` (e.g. a trainer's checkpoint-*/), else None."""
+    for sub in sorted(p for p in path.rglob("*") if p.is_dir()):
+        if _holds_model(sub):
+            return sub.relative_to(path).as_posix()
+    return None
+
+
+def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), internal: bool = False,
+                  replaces_models: bool = False) -> None:
     """Raise unless `atomic_dir(path, overwrite=…)` may write there (call it before long work).
 
     With `overwrite`, a folder is replaced only if taskvec wrote it as an output (marker or record
     file) or it is a derived cache entry — never when it is, or contains, one of `inputs`, nor when it
-    holds a collection or a model checkpoint taskvec did not build (a merge or apply_to output may go). `internal`: the caller rebuilds a cache entry it owns.
+    holds a collection or a model checkpoint, nor when files were added to or changed in it since taskvec
+    wrote it (its marker lists them). `replaces_models`: the caller builds models (merge, apply_to) and may
+    replace a model folder taskvec built; report writers never do. `internal`: the caller rebuilds a cache
+    entry it owns.
     """
     from .errors import TaskvecError
 
@@ -139,17 +178,35 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
     if internal:
         return
     resolved = path.resolve()
+    changed = _changed_since_written(path) if (path / OUTPUT_MARKER).is_file() else None
+    if changed:
+        raise TaskvecError(f"{path} holds files added or changed since taskvec wrote it ({_names(changed)}); "
+                           "--overwrite never loses those: move them out, or choose another --out")
     held = _holds_model(path)
-    if held and not any((path / f).is_file() for f in _MODEL_RECORDS):  # a model taskvec built may go
-        raise TaskvecError(f"{path} holds {held}; --overwrite never replaces those: choose another --out or "
-                           f"remove it yourself")
+    if held:
+        if not (replaces_models and built_model(path) and changed is not None):
+            if not built_model(path):
+                why = "--overwrite never replaces those"
+            elif changed is None:
+                why = (f"it lacks taskvec's listing of what it wrote ({OUTPUT_MARKER}), so it may not be (only) "
+                       "taskvec's; --overwrite never replaces it")
+            else:
+                why = "only `taskvec merge` and TaskVector.apply_to replace a model taskvec built"
+            raise TaskvecError(f"{path} holds {held}; {why}: choose another --out or remove it yourself")
+    nested = _nested_model(path) if changed is None else None  # a listing already vouches for every file
+    if nested:
+        raise TaskvecError(f"{path} holds a model or collection in {nested}; --overwrite never replaces those: "
+                           "move it out, or choose another --out")
     cache = cache_dir().resolve()
     ours = any((path / f).is_file() for f in (OUTPUT_MARKER,) + _EARLIER_OUTPUTS)
-    derived = cache in resolved.parents and (cache / "collections") not in resolved.parents \
-        and resolved != cache / "collections"
+    derived = any(d in resolved.parents for d in (cache / "ntk", cache / "reports"))  # taskvec's own cache entries
     if not ours and not derived:
         raise TaskvecError(f"{path} was not written by taskvec (no {OUTPUT_MARKER}): --overwrite only replaces "
                            f"taskvec's own output folders; choose another --out or remove it yourself")
+
+
+def _names(items: list[str], k: int = 3) -> str:
+    return ", ".join(items[:k]) + (f" and {len(items) - k} more" if len(items) > k else "")
 
 
 def _check_apart_from_inputs(path: Path, inputs) -> None:
@@ -213,8 +270,8 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), internal: bool = False
-               ) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), internal: bool = False,
+               replaces_models: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place when complete.
 
     An interrupted run removes its temporary folder; a killed one (SIGKILL, power loss) leaves only a
@@ -225,7 +282,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), i
     """
     from .errors import TaskvecError
 
-    check_out_dir(path, overwrite=overwrite, inputs=inputs, internal=internal)
+    check_out_dir(path, overwrite=overwrite, inputs=inputs, internal=internal, replaces_models=replaces_models)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +295,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), i
     try:
         yield tmp
         (tmp / PARTIAL_OWNER).unlink(missing_ok=True)
-        (tmp / OUTPUT_MARKER).write_text("written by taskvec; `--overwrite` may replace this folder\n")
+        (tmp / OUTPUT_MARKER).write_text(json.dumps(  # what was written, so --overwrite can tell what was added
+            {"written_by": "taskvec; --overwrite may replace this folder while these files are unchanged",
+             "files": _listing(tmp)}, indent=1) + "\n")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")

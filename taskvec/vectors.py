@@ -341,7 +341,7 @@ class TaskVector:
             return new
 
         src = Path(base.source)
-        with atomic_dir(out_dir, overwrite=overwrite, inputs=[base.source]) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite, inputs=[base.source], replaces_models=True) as tmp:
             bar = tqdm(total=len(bkeys), desc="apply τ", unit="tensor", disable=not progress, leave=False)
             weight_map, total = {}, 0
             for f_in, f_out in rename.items():
@@ -358,7 +358,7 @@ class TaskVector:
                 shutil.copy2(p, tmp / p.name)
             if not (tmp / "config.json").exists() and base.config:
                 atomic_write_json(tmp / "config.json", base.config)
-            atomic_write_json(tmp / "taskvec_applied.json", {"base": base.source, "alpha": alpha,
+            atomic_write_json(tmp / "taskvec_applied.json", {"base": base.source, "alpha": float(alpha),
                                                              "n_tensors_changed": len(where),
                                                              "task_vector": {k: v for k, v in self.meta.items()
                                                                              if k != "alignment"}})

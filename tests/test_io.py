@@ -39,6 +39,24 @@ def test_overwrite_replaces_only_taskvec_folders(tmp_path, monkeypatch):
     (cached / "old.npy").write_bytes(b"x")
     _write(cached, overwrite=True)  # the cache is taskvec's by definition
     assert not (cached / "old.npy").exists()
+    hub = tmp_path / "cache" / "hf" / "models--x"  # anything else under the cache is not taskvec's own
+    hub.mkdir(parents=True)
+    (hub / "snapshot.bin").write_bytes(b"x")
+    with pytest.raises(TaskvecError, match="not written by taskvec"):
+        _write(hub, overwrite=True)
+    # a file added to (or changed in) a taskvec output since it was written is never lost
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(TaskvecError, match=r"files added or changed since taskvec wrote it \(my_notes.txt\)"):
+        _write(out, overwrite=True)
+    assert (out / "my_notes.txt").read_text() == "mine"
+    (out / "my_notes.txt").unlink()
+    _write(out, overwrite=True)
+    legacy = tmp_path / "legacy"  # written by an older taskvec: plain-text marker, no listing
+    legacy.mkdir()
+    (legacy / OUTPUT_MARKER).write_text("written by taskvec\n")
+    (legacy / "results.json").write_text("{}")
+    _write(legacy, overwrite=True)
+    assert not (legacy / "results.json").exists()
 
 
 def test_overwrite_never_replaces_inputs_models_or_collections(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -126,7 +127,7 @@ def test_cli_refuses_existing_model_folder(coll, tmp_path, capsys):
     rc = main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), "--density", "0.5",
                "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "already holds a model" in err and "--overwrite only replaces taskvec's own merges" in err
+    assert rc == 2 and "already holds a model" in err and "--overwrite only replaces taskvec's own models" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     rc = main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), "--density", "1.5",
                "--out", str(tmp_path / "x"), "--no-progress"])
@@ -145,7 +146,7 @@ def test_overwrite_replaces_only_a_merge_taskvec_wrote(coll, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--lambda", "0.7"]) == 2
     err = capsys.readouterr().err
-    assert "already holds a model taskvec merged; pass --overwrite to replace it" in err and "\n" not in err.strip()
+    assert "already holds a model taskvec built; pass --overwrite to replace it" in err and "\n" not in err.strip()
     assert all(np.array_equal(first[k], v) for k, v in tensors(out).items())
     assert main([*args, "--lambda", "0.7", "--overwrite"]) == 0
     assert json.loads((out / "taskvec_merge.json").read_text())["lambda"] == 0.7
@@ -159,7 +160,7 @@ def test_overwrite_replaces_only_a_merge_taskvec_wrote(coll, tmp_path, capsys):
                      "--overwrite", "--no-progress"]) == 2
         assert {p.name: p.read_bytes() for p in taken.iterdir()} == before
     err = capsys.readouterr().err
-    assert "that taskvec did not merge" in err and "is one of the input models" in err
+    assert "that taskvec did not build" in err and "is one of the input models" in err
     assert main(["merge", "--base", str(base), "--method", "task_arithmetic", str(out), "--out", str(out),
                  "--overwrite", "--no-progress"]) == 2
     assert "is one of the input models" in capsys.readouterr().err
@@ -230,3 +231,47 @@ def test_help_states_defaults_and_what_config_replaces(capsys):
                    "(default 1)", "DARE drop seed (default 0)", "--overwrite replace an --out folder taskvec wrote"):
         assert needle in text, needle
     assert re.search(r"--lambda LAMBDA global scale λ of the merged task vector \(default 1\)", text)
+
+
+def test_overwrite_never_loses_what_was_added_to_a_taskvec_output(coll, tmp_path, capsys):
+    """--overwrite checks what taskvec wrote against its listing: a report writer never replaces a merged
+    model; a model (a trainer's checkpoint-*/) or any file added inside a merge, a file changed in place, or
+    a user's model that merely holds a copied taskvec_merge.json are never replaced; merge and apply_to
+    replace each other's outputs."""
+    from taskvec.vectors import TaskVector
+
+    root, base, fts = coll
+    out = tmp_path / "m"
+    merge = ["merge", "--base", str(base), "--method", "task_arithmetic", str(fts[0]), "--out", str(out),
+             "--no-progress", "--overwrite"]
+    assert main(merge) == 0
+
+    def unchanged_after(argv, *want):
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in want), err
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    capsys.readouterr()
+    unchanged_after(["vectors", str(base), str(fts[0]), "--out", str(out), "--overwrite", "--basic"],
+                    "only `taskvec merge` and TaskVector.apply_to replace a model taskvec built")
+    unchanged_after(["check-merge", "--base", str(base), "--merged", str(fts[1]), str(fts[0]), "--out", str(out),
+                     "--overwrite"], "only `taskvec merge` and TaskVector.apply_to replace")
+    save_hf(tiny_model("gpt2", seed=9), out / "checkpoint-10")  # a trainer wrote into the merge folder
+    unchanged_after(merge, "files added or changed since taskvec wrote it", "checkpoint-10/")
+    shutil.rmtree(out / "checkpoint-10")
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")  # edited in place
+    unchanged_after(merge, "files added or changed since taskvec wrote it (config.json)")
+    user = save_hf(tiny_model("gpt2", seed=5), tmp_path / "user")
+    (user / "taskvec_merge.json").write_text("{}")  # a copied record does not make it ours
+    assert main([*merge[:-4], "--out", str(user), "--no-progress", "--overwrite"]) == 2
+    assert "lacks taskvec's listing of what it wrote" in capsys.readouterr().err
+    # merge and apply_to replace each other's (untouched) outputs
+    fresh = tmp_path / "fresh"
+    assert main([*merge[:-4], "--out", str(fresh), "--no-progress"]) == 0
+    tv = TaskVector.from_checkpoints(base, fts[1], scope="all", progress=False)
+    tv.apply_to(base, fresh, overwrite=True, progress=False)
+    assert (fresh / "taskvec_applied.json").is_file() and not (fresh / "taskvec_merge.json").exists()
+    assert main([*merge[:-4], "--out", str(fresh), "--no-progress", "--overwrite"]) == 0
+    assert (fresh / "taskvec_merge.json").is_file() and not (fresh / "taskvec_applied.json").exists()

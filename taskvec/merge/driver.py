@@ -24,7 +24,7 @@ from .. import __version__
 from ..checkpoints import (Checkpoint, align, check_finite, extra_tensors, open_checkpoint, source_list,
                            write_safetensors)
 from ..errors import TaskvecError
-from ..io import atomic_dir, atomic_write_json, check_out_dir
+from ..io import atomic_dir, atomic_write_json, built_model, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
 from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, as_merge_params,
@@ -57,14 +57,9 @@ def parse_size(size: int | str) -> int:
     return nbytes
 
 
-def is_merge_output(out: Path) -> bool:
-    """Whether folder `out` is a model taskvec merged (it holds taskvec_merge.json, the merge record)."""
-    return (out / "taskvec_merge.json").is_file()
-
-
 def refuse_existing_output(out: Path, inputs: Sequence[str] = (), overwrite: bool = False) -> None:
     """TaskvecError if `out` is an input or already holds anything `overwrite` may not replace (a model
-    above all, unless taskvec merged it); touches nothing."""
+    above all, unless taskvec built it and nothing was added since); touches nothing."""
     out = Path(out)
     for src in inputs:
         try:
@@ -72,16 +67,17 @@ def refuse_existing_output(out: Path, inputs: Sequence[str] = (), overwrite: boo
                 raise TaskvecError(f"--out {out} is one of the input models; choose a new folder")
         except OSError:
             pass
-    if out.is_dir() and not overwrite and is_merge_output(out):
-        raise TaskvecError(f"--out {out} already holds a model taskvec merged; pass --overwrite to replace it, "
+    if out.is_dir() and not overwrite and built_model(out):
+        raise TaskvecError(f"--out {out} already holds a model taskvec built; pass --overwrite to replace it, "
                            "or choose another folder — nothing was changed")
-    if out.is_dir() and not is_merge_output(out):
+    if out.is_dir() and not built_model(out):
         held = [p.name for p in out.iterdir() if p.name in MODEL_FILES or p.suffix == ".safetensors"]
         if held:
             raise TaskvecError(f"--out {out} already holds a model ({', '.join(sorted(held)[:3])}) that taskvec did "
-                               "not merge (no taskvec_merge.json); --overwrite only replaces taskvec's own merges: "
+                               "not build (no taskvec_merge.json); --overwrite only replaces taskvec's own models: "
                                "choose another folder or delete it yourself — nothing was changed")
-    check_out_dir(out, overwrite=overwrite, inputs=inputs)  # a file, an input, a folder taskvec did not write
+    # a file, an input, a folder taskvec did not write, files added since it did
+    check_out_dir(out, overwrite=overwrite, inputs=inputs, replaces_models=True)
 
 
 def _base_folder(base: Checkpoint) -> Path | None:
@@ -184,7 +180,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod,
     n_shards = len(shards)
     weight_map, total = {}, 0
     # an earlier merge holds a model, which check_out_dir never lets --overwrite replace: checked above instead
-    with atomic_dir(out, overwrite=overwrite, inputs=srcs) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=srcs, replaces_models=True) as tmp:
         bar = tqdm(total=len(names), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
