@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -37,7 +38,11 @@ from .scope import resolve_scope
 __all__ = ["TaskVector", "extract_pairs"]
 
 def _is_real(x) -> bool:
-    """A real scalar (Python or numpy), not a bool."""
+    """A real scalar — Python, numpy, or a 0-d numpy array / torch tensor — and not a bool."""
+    if isinstance(x, torch.Tensor):
+        return x.ndim == 0 and x.dtype != torch.bool and not x.is_complex()
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.ndim == 0 and x.dtype.kind in "iuf"
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
@@ -219,18 +224,25 @@ class TaskVector:
     def __mul__(self, alpha):
         if not _is_real(alpha):
             return NotImplemented
-        if not math.isfinite(float(alpha)):
-            raise TaskvecError(f"cannot scale a task vector by {alpha}; give a finite number")
-        return TaskVector({k: v * float(alpha) for k, v in self._t.items()}, {**self.meta, "op": f"scale {alpha}"})
+        a = float(alpha)
+        if not math.isfinite(a):
+            raise TaskvecError(f"cannot scale a task vector by {a}; give a finite number")
+        out = {k: v * a for k, v in self._t.items()}
+        bad = next((k for k, v in out.items() if not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise TaskvecError(f"scaling by {a:g} overflows tensor {bad!r} ({out[bad].dtype}); use a smaller factor")
+        return TaskVector(out, {**self.meta, "op": f"scale {a:g}"})
 
     __rmul__ = __mul__
 
     def __truediv__(self, alpha):
         if not _is_real(alpha):
             return NotImplemented
-        if float(alpha) == 0:
-            raise TaskvecError("cannot divide a task vector by 0")
-        return self * (1.0 / float(alpha))
+        a = float(alpha)
+        if a == 0 or not math.isfinite(1.0 / a):
+            raise TaskvecError(f"cannot divide a task vector by {a:g}; give a non-zero divisor whose inverse is "
+                               "finite")
+        return self * (1.0 / a)
 
     def to(self, dtype: torch.dtype) -> "TaskVector":
         """The same task vector with every tensor cast to `dtype`."""

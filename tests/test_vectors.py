@@ -239,6 +239,14 @@ def test_taskvector_arithmetic_with_numpy_scalars_dtypes_and_misuse(coll, tmp_pa
     for a in np.linspace(0, 1, 3):
         assert torch.equal((a * tv)[k], tv[k] * float(a)) and torch.equal((tv * a)[k], tv[k] * float(a))
     assert torch.equal((np.float32(2) * tv)[k], 2 * tv[k])
+    for a in torch.linspace(0, 1, 3):  # 0-d tensors and arrays are scalars too
+        assert torch.equal((a * tv)[k], tv[k] * float(a)) and torch.equal((np.array(a.item()) * tv)[k], (a * tv)[k])
+    with pytest.raises(TaskvecError, match="overflows tensor"):
+        tv * 1e300
+    with pytest.raises(TaskvecError, match="cannot divide a task vector by"):
+        tv / 1e-320
+    with pytest.raises(TypeError):
+        tv * torch.ones(2)
     assert torch.equal((tv - 0)[k], tv[k]) and torch.equal((0 - tv)[k], -tv[k]) and torch.equal(sum([tv])[k], tv[k])
     lo = TaskVector({"x": torch.ones(2, dtype=torch.bfloat16)})
     hi = TaskVector({"x": torch.full((2,), 1e-3)})
