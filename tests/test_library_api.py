@@ -151,9 +151,14 @@ def test_merge_params_accept_single_values_and_dicts(models, tmp_path):
     assert MergeParams(weights=[1, 2], densities=np.float64(0.5)).weights == (1.0, 2.0)
     assert MergeParams(weights=torch.tensor(0.25)).weights == (0.25,)
     assert MergeParams().densities is None
-    for bad in ("0.5", None, (), object()):
+    for bad in ("0.5", None, (), object(), True, ["0.5", "0.5"]):
         with pytest.raises(TaskvecError, match="weights"):
             MergeParams(weights=bad)
+    # a truthy string is not a bool (normalize="no" would have normalised), nor "2" a number
+    for kw, what in (({"normalize": "no"}, "normalize"), ({"lambda_": "2"}, "lambda_"), ({"seed": 1.5}, "seed")):
+        with pytest.raises(TaskvecError, match=f"MergeParams {what}="):
+            MergeParams(**kw)
+    assert MergeParams(lambda_=np.float32(2), seed=np.int64(3)).seed == 3
     root, base, fts = models
     via_dict = merge_checkpoints(base, fts, "ties", {"weights": 0.7, "density": 0.5, "lambda": 0.9},
                                  tmp_path / "d", progress=False)

@@ -51,10 +51,22 @@ class MergeParams:
         object.__setattr__(self, "weights", _float_tuple(self.weights, "weights"))
         if self.densities is not None:
             object.__setattr__(self, "densities", _float_tuple(self.densities, "densities"))
-        try:
-            object.__setattr__(self, "lambda_", float(self.lambda_))
-        except (TypeError, ValueError):
-            raise TaskvecError(f"MergeParams lambda_={self.lambda_!r}: give a number") from None
+        if not _is_number(self.lambda_):
+            raise TaskvecError(f"MergeParams lambda_={self.lambda_!r}: give a number")
+        object.__setattr__(self, "lambda_", float(self.lambda_))
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise TaskvecError(f"MergeParams normalize={self.normalize!r}: give True, False or None (the method's "
+                               "default)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise TaskvecError(f"MergeParams seed={self.seed!r}: give an integer")
+        object.__setattr__(self, "seed", int(self.seed))
+
+
+def _is_number(x) -> bool:
+    """A real number (Python, numpy, or a 0-d array / tensor), not a bool or a string."""
+    if isinstance(x, (bool, str, bytes)) or str(getattr(x, "dtype", "")) in ("bool", "torch.bool"):
+        return False
+    return isinstance(x, numbers.Real) or getattr(x, "ndim", None) == 0
 
 
 def _float_tuple(values, what: str) -> tuple[float, ...]:
@@ -66,6 +78,8 @@ def _float_tuple(values, what: str) -> tuple[float, ...]:
     if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:  # also a 0-d array / tensor
         values = (values,)
     try:
+        if not all(_is_number(v) for v in values):
+            raise TypeError
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise TaskvecError(f"MergeParams {what}={values!r}: give a number (broadcast to every fine-tune) or one "
