@@ -200,7 +200,7 @@ def test_no_density_warns_that_nothing_is_trimmed_or_dropped(coll, tmp_path, cap
     for i, (models, top, warned) in enumerate([
             (f"  - model: {fts[0]}\n  - model: {fts[1]}\n", "", "for any model: density defaults to 1"),
             (f"  - model: {fts[0]}\n    parameters: {{density: 0.4}}\n  - model: {fts[1]}\n", "",
-             f"for '{fts[1]}': density defaults to 1 (as in mergekit), so nothing of theirs is dropped"),
+             f"for '{fts[1]}': density defaults to 1 (as in mergekit), so none of its entries is dropped"),
             (f"  - model: {fts[0]}\n  - model: {fts[1]}\n", "  density: 0.4\n", None)]):
         cfg.write_text(f"{head}{models}parameters:\n  weight: 0.5\n{top}")
         assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / f"yml{i}"), "--no-progress"]) == 0

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..checkpoints import Checkpoint, align
+from ..checkpoints import Checkpoint, align, counted
 from ..errors import TaskvecError, TaskvecWarning
 from ..scope import resolve_scope
 
@@ -129,7 +129,8 @@ def _broadcast(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise TaskvecError(f"got {len(values)} --{what} values for {n} fine-tunes; give one value or one per fine-tune")
+        raise TaskvecError(f"got {len(values)} --{what} values for {counted(n, 'fine-tune')}; give one value or "
+                           "one per fine-tune")
     return values
 
 

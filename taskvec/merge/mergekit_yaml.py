@@ -77,7 +77,7 @@ def _warn_no_density(path: Path, method: str, refs: list[str], all_models: bool)
     if not m.uses_density:
         return
     what = density_one_means(m) if all_models else \
-        f"nothing of theirs is {'trimmed' if m.uses_trim else 'dropped'}"
+        f"none of {'its' if len(refs) == 1 else 'their'} entries is {'trimmed' if m.uses_trim else 'dropped'}"
     which = "any model" if all_models else ", ".join(repr(r) for r in refs)
     warnings.warn(f"{path}: {method} without a density for {which}: density defaults to 1 (as in mergekit), so "
                   f"{what}; set `density:` (e.g. 0.2-0.5) under parameters", TaskvecWarning, stacklevel=3)
