@@ -51,6 +51,13 @@ def test_residuals_error_names_the_file_and_what_to_give(tmp_path, capsys):
                    "give the residuals y − f̂(x) of a fitted model on held-out examples")
     assert _theory(tmp_path, "--eigenvalues", ev, "--residuals", nan) == 2
     _error(capsys, f"--residuals {nan}: ", "got 1 NaN/Inf of 3 values")
+    text = tmp_path / "r_text.npy"
+    np.save(text, np.array(["a", "b"]))
+    assert _theory(tmp_path, "--eigenvalues", ev, "--residuals", text) == 2
+    err = _error(capsys, f"--residuals file {text} holds <U1 values, not numbers")
+    assert err.count("--residuals") == 1  # said once, not prefixed twice
+    assert _theory(tmp_path, "--eigenvalues", ev, "--sigma", "0.3", "--curves", tmp_path / "nope.json") == 2
+    _error(capsys, f"--curves file {tmp_path / 'nope.json'} does not exist")
 
 
 def test_curve_errors_name_the_file_and_the_curve(tmp_path, capsys):

@@ -185,6 +185,8 @@ def _read_curve(path: Path) -> dict:
     checked here so that a bad file is refused before the analysis, naming the file and the curve in it."""
     from ..theory.stopping import compare_with_curve
 
+    if not path.is_file():
+        raise TaskvecError(f"--curves file {path} does not exist; pass the curves.json `taskvec finetune` wrote")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -329,8 +331,9 @@ def run(args: argparse.Namespace) -> int:
     sigma, sigma_src, estimates = args.sigma, "given" if args.sigma is not None else None, {}
     radius, radius_src = args.radius, "given" if args.radius is not None else None
     if args.residuals is not None:
+        resid = _load_npy(args.residuals, "--residuals")  # its errors name the option and file already
         with _about(f"--residuals {args.residuals}"):
-            est = sigma_heldout(_load_npy(args.residuals, "--residuals"))
+            est = sigma_heldout(resid)
         estimates["sigma_heldout"] = est
         sigma, sigma_src = est["sigma"], est["estimator"]
         inputs["residuals"] = {"path": str(args.residuals), "sha256": sha256_file(args.residuals)}
