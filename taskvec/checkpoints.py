@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import TaskvecError, TaskvecWarning
+from .errors import TaskvecError, TaskvecWarning, counted, name_list  # noqa: F401  (re-exported)
 
 __all__ = [
     "Checkpoint",
@@ -1100,17 +1100,6 @@ def write_safetensors(path, specs: dict[str, tuple[tuple, torch.dtype]], produce
                 if progress is not None:
                     progress.update(1)
     return path
-
-
-def counted(n: int, noun: str) -> str:
-    """'1 tensor', '3 tensors': a count with its noun in the right number."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def name_list(items, k: int = 5) -> str:
-    """The first `k` of `items`, comma-separated, and how many more there are."""
-    items = list(items)
-    return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
 
 
 def extra_tensors(finetunes: Sequence, alignments: Sequence) -> dict[str, list[str]]:

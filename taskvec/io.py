@@ -158,7 +158,7 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
     replace a model folder taskvec built; report writers never do. `internal`: the caller rebuilds a cache
     entry it owns.
     """
-    from .errors import TaskvecError
+    from .errors import TaskvecError, name_list
 
     if not str(path).strip():
         raise TaskvecError("--out is empty; give the name of a new folder (e.g. --out results)")
@@ -178,20 +178,14 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
     if internal:
         return
     resolved = path.resolve()
-    changed = _changed_since_written(path) if (path / OUTPUT_MARKER).is_file() else None
+    changed = _changed_since_written(path)
     if changed:
-        raise TaskvecError(f"{path} holds files added or changed since taskvec wrote it ({_names(changed)}); "
+        raise TaskvecError(f"{path} holds files added or changed since taskvec wrote it ({name_list(changed, 3)}); "
                            "--overwrite never loses those: move them out, or choose another --out")
     held = _holds_model(path)
     if held:
-        if not (replaces_models and built_model(path) and changed is not None):
-            if not built_model(path):
-                why = "--overwrite never replaces those"
-            elif changed is None:
-                why = (f"it lacks taskvec's listing of what it wrote ({OUTPUT_MARKER}), so it may not be (only) "
-                       "taskvec's; --overwrite never replaces it")
-            else:
-                why = "only `taskvec merge` and TaskVector.apply_to replace a model taskvec built"
+        why = _why_model_stays(path, changed, replaces_models)
+        if why:
             raise TaskvecError(f"{path} holds {held}; {why}: choose another --out or remove it yourself")
     nested = _nested_model(path) if changed is None else None  # a listing already vouches for every file
     if nested:
@@ -205,8 +199,17 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
                            f"taskvec's own output folders; choose another --out or remove it yourself")
 
 
-def _names(items: list[str], k: int = 3) -> str:
-    return ", ".join(items[:k]) + (f" and {len(items) - k} more" if len(items) > k else "")
+def _why_model_stays(path: Path, changed: list[str] | None, replaces_models: bool) -> str | None:
+    """Why --overwrite may not replace the model in `path`, or None when it may (taskvec built it, its
+    listing vouches for every file, and the caller builds models)."""
+    if not built_model(path):
+        return "--overwrite never replaces those"
+    if changed is None:
+        return (f"it lacks taskvec's listing of what it wrote ({OUTPUT_MARKER}), so it may not be (only) "
+                "taskvec's; --overwrite never replaces it")
+    if not replaces_models:
+        return "only `taskvec merge` and TaskVector.apply_to replace a model taskvec built"
+    return None
 
 
 def _check_apart_from_inputs(path: Path, inputs) -> None:

@@ -324,19 +324,21 @@ def _collection_stats(base, fts, names, scope, top_k_percent, spectra_max_dim, n
     T = len(fts)
     skipped = {}
     work = []
+    gone = {name: [] for name in names}  # per task: the in-scope tensors it lacks
     for n in in_scope:
         miss = [names[t] for t, (al, _, _) in enumerate(aligned) if n not in al.pairs and not fts[t].is_delta]
         if miss:
             skipped[n] = f"missing in {', '.join(miss)}"
+            for name in miss:
+                gone[name].append(n)
         else:
             work.append(n)
     if not work:
         raise TaskvecError(f"no tensor in scope {scope!r} is present in every fine-tune; check --scope and the inputs")
     for t, name in enumerate(names):
-        gone = [n for n, why in skipped.items() if name in why[len("missing in "):].split(", ")]
-        if gone:
-            warnings.warn(f"{counted(len(gone), 'tensor')} in scope missing in {name} ({fts[t].source}): "
-                          f"{name_list(gone)}; left out of every task's statistics (all listed in vectors.json "
+        if gone[name]:
+            warnings.warn(f"{counted(len(gone[name]), 'tensor')} in scope missing in {name} ({fts[t].source}): "
+                          f"{name_list(gone[name])}; left out of every task's statistics (all listed in vectors.json "
                           "under scope.skipped; narrow --scope to leave them out on purpose)", TaskvecWarning,
                           stacklevel=3)
     max_numel = 0

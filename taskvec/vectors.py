@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import shutil
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,21 +31,13 @@ from .checkpoints import (
     write_safetensors,
 )
 from .errors import TaskvecError, TaskvecWarning
+from .scalars import is_real_scalar
 from .scope import resolve_scope
 
 __all__ = ["TaskVector", "extract_pairs"]
 
-def _is_real(x) -> bool:
-    """A real scalar — Python, numpy, or a 0-d numpy array / torch tensor — and not a bool."""
-    if isinstance(x, torch.Tensor):
-        return x.ndim == 0 and x.dtype != torch.bool and not x.is_complex()
-    if isinstance(x, (np.ndarray, np.generic)):
-        return x.ndim == 0 and x.dtype.kind in "iuf"
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _is_zero(x) -> bool:
-    return _is_real(x) and x == 0
+    return is_real_scalar(x) and x == 0
 
 
 def _combined_meta(a: dict, b: dict) -> dict:
@@ -185,6 +175,9 @@ class TaskVector:
         return f"<TaskVector {len(self)} tensors, {self.numel():,} params, ‖τ‖={self.norm():.4g}>"
 
     # ------------------------------------------------------------------ arithmetic
+    def _copy(self) -> "TaskVector":
+        return TaskVector({k: v.clone() for k, v in self._t.items()}, self.meta)
+
     def _combine(self, other: "TaskVector", sign: float) -> "TaskVector":
         """self + sign·other over the union of keys, each tensor in the wider of the two dtypes."""
         out = {k: v.clone() for k, v in self._t.items()}
@@ -201,7 +194,7 @@ class TaskVector:
 
     def __add__(self, other):
         if _is_zero(other):  # sum([...]) starts from 0
-            return TaskVector({k: v.clone() for k, v in self._t.items()}, self.meta)
+            return self._copy()
         if not isinstance(other, TaskVector):
             return NotImplemented
         return self._combine(other, 1.0)
@@ -210,7 +203,7 @@ class TaskVector:
 
     def __sub__(self, other):
         if _is_zero(other):
-            return TaskVector({k: v.clone() for k, v in self._t.items()}, self.meta)
+            return self._copy()
         if not isinstance(other, TaskVector):
             return NotImplemented
         return self._combine(other, -1.0)
@@ -222,7 +215,7 @@ class TaskVector:
         return TaskVector({k: -v for k, v in self._t.items()}, {**self.meta, "op": "neg"})
 
     def __mul__(self, alpha):
-        if not _is_real(alpha):
+        if not is_real_scalar(alpha):
             return NotImplemented
         a = float(alpha)
         if not math.isfinite(a):
@@ -236,7 +229,7 @@ class TaskVector:
     __rmul__ = __mul__
 
     def __truediv__(self, alpha):
-        if not _is_real(alpha):
+        if not is_real_scalar(alpha):
             return NotImplemented
         a = float(alpha)
         if a == 0 or not math.isfinite(1.0 / a):
@@ -308,7 +301,7 @@ class TaskVector:
         folder; tensors in the base's storage dtype; shard layout kept). Streams one tensor at a time."""
         from .io import atomic_dir, atomic_write_json
 
-        if not _is_real(alpha) or not math.isfinite(float(alpha)):
+        if not is_real_scalar(alpha) or not math.isfinite(float(alpha)):
             raise TaskvecError(f"alpha={alpha!r}: give a finite number (the scale of τ added to the base)")
         base = open_checkpoint(base, allow_network=allow_network)
         if base.is_delta:

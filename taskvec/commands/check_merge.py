@@ -92,9 +92,7 @@ def run(args) -> int:
         raise TaskvecError("--output/--head/--label-words/--max-length only apply with --data (one JSONL per "
                            "fine-tune)")
     if args.data is not None:
-        from ..merge.retention_data import read_task_data
-
-        from ..merge.retention_data import retention_outputs
+        from ..merge.retention_data import read_task_data, retention_outputs
 
         read_task_data(args.data, args.output)  # bad JSONL or output options fail before the (long) tensor check
         outputs = retention_outputs(args.base, args.finetunes, output=args.output, head=args.head,

@@ -49,7 +49,6 @@ def run(args) -> int:
     check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # fail before the work, not after it
     from ..vector_stats import collection_stats
 
-    names = [n.strip() for n in args.names.split(",")] if args.names else None
     try:
         ks = _percentages(args.top_k)
     except ValueError:
@@ -58,7 +57,7 @@ def run(args) -> int:
         raise TaskvecError(f"--spectra-max-dim {args.spectra_max_dim} must be ≥ 0 (0: no spectra)")
     if args.n_singular < 1:
         raise TaskvecError(f"--n-singular {args.n_singular} must be ≥ 1")
-    stats = collection_stats(args.base, args.fts, names, scope=args.scope, top_k_percent=ks,
+    stats = collection_stats(args.base, args.fts, args.names, scope=args.scope, top_k_percent=ks,
                              spectra_max_dim=args.spectra_max_dim, n_singular=args.n_singular,
                              dtype=getattr(torch, args.dtype), progress=not args.no_progress,
                              allow_network=args.allow_network, basic=args.basic)

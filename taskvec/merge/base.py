@@ -15,6 +15,7 @@ import torch
 
 from ..checkpoints import Checkpoint, align, counted
 from ..errors import TaskvecError, TaskvecWarning
+from ..scalars import is_real_scalar
 from ..scope import resolve_scope
 
 RESCALES = {
@@ -51,7 +52,7 @@ class MergeParams:
         object.__setattr__(self, "weights", _float_tuple(self.weights, "weights"))
         if self.densities is not None:
             object.__setattr__(self, "densities", _float_tuple(self.densities, "densities"))
-        if not _is_number(self.lambda_):
+        if not is_real_scalar(self.lambda_):
             raise TaskvecError(f"MergeParams lambda_={self.lambda_!r}: give a number")
         object.__setattr__(self, "lambda_", float(self.lambda_))
         if self.normalize is not None and not isinstance(self.normalize, bool):
@@ -62,23 +63,16 @@ class MergeParams:
         object.__setattr__(self, "seed", int(self.seed))
 
 
-def _is_number(x) -> bool:
-    """A real number (Python, numpy, or a 0-d array / tensor), not a bool or a string."""
-    if isinstance(x, (bool, str, bytes)) or str(getattr(x, "dtype", "")) in ("bool", "torch.bool"):
-        return False
-    return isinstance(x, numbers.Real) or getattr(x, "ndim", None) == 0
-
-
 def _float_tuple(values, what: str) -> tuple[float, ...]:
     """A number → (x,); a sequence of numbers → a tuple of floats; anything else → TaskvecError."""
     example = "0.5" if what == "weights" else "0.3"
     if isinstance(values, (str, bytes)) or values is None:
         raise TaskvecError(f"MergeParams {what}={values!r}: give a number (broadcast to every fine-tune) or one "
                            f"number per fine-tune, e.g. {what}={example} or {what}=({example}, {example})")
-    if isinstance(values, numbers.Real) or getattr(values, "ndim", None) == 0:  # also a 0-d array / tensor
+    if is_real_scalar(values):
         values = (values,)
     try:
-        if not all(_is_number(v) for v in values):
+        if not all(is_real_scalar(v) for v in values):
             raise TypeError
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):

@@ -179,7 +179,6 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod,
 
     n_shards = len(shards)
     weight_map, total = {}, 0
-    # an earlier merge holds a model, which check_out_dir never lets --overwrite replace: checked above instead
     with atomic_dir(out, overwrite=overwrite, inputs=srcs, replaces_models=True) as tmp:
         bar = tqdm(total=len(names), desc=f"merge ({method.name})", unit="tensor", disable=not progress)
         for i, shard in enumerate(shards):

@@ -172,7 +172,6 @@ def retention_outputs(base, finetunes: Sequence, *, output: str, head=None,
     import torch
 
     from ..checkpoints import source_list
-
     from ..models import load_model, load_tokenizer
     from ..outputs import LinearHead, make_output, read_head_beside
 
@@ -277,7 +276,7 @@ def _comparison(r: dict) -> tuple[str, str]:
     err = r["relative_error"]
     fit = f"predicted change off by {100 * err:.3g}% (cosine {r['cosine']:.4f}, slope {r['slope']:.3g})"
     level = "ok" if err <= POOR_FIT else "warning"
-    own_pred = float(np.linalg.norm(r["own_predicted_change"]))
+    own_pred = r["own_change_norm"]  # ‖J_A τ_A‖, from predicted_retention
     own_meas = float(np.linalg.norm(r["own_measured_change"]))
     if own_pred == 0 or own_meas == 0:  # retention and interference are ratios to the fine-tune's own change
         return level, ("retention and interference not defined: the fine-tune alone moves none of this task's "
