@@ -13,7 +13,7 @@ import math
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm

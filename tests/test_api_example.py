@@ -9,19 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import perturbed, save_hf, tiny_model, tiny_tokenizer
+from tiny import PROBE_PAIRS, perturbed, save_hf, tiny_model, tiny_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- python-api-example -->"
 
-PROBES = [{"prompt": "what is 3 plus 4 ?", "target": " 7"},
-          {"prompt": "the", "target": " movie was wonderful"},
-          {"prompt": "calculate 6 times 7 .", "target": " 42"},
-          {"prompt": "i love this phone", "target": " , battery lasts forever"},
-          {"prompt": "worst", "target": " purchase ever"},
-          {"prompt": "the market rose", "target": " sharply after the news"},
-          {"prompt": "a dull , boring", "target": " film"},
-          {"prompt": "what is 12 minus 5 ?", "target": " 7"}]
+PROBES = PROBE_PAIRS
 
 
 def readme_example() -> str:

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import perturbed, save_hf, tiny_model, tiny_tokenizer
+from tiny import base_and_finetunes
 
-import taskvec
 from taskvec.checkpoints import SafetensorsCheckpoint, open_checkpoint
 from taskvec.errors import TaskvecError
 from taskvec.merge import MergeParams, check_merge, merge_checkpoints
@@ -29,10 +28,7 @@ from taskvec.vectors import TaskVector
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    base = tiny_model("gpt2", seed=0)
-    save_hf(base, root / "base", tiny_tokenizer())
-    fts = [save_hf(perturbed(base, scale=1e-2, seed=s), root / f"ft{s}") for s in (31, 32)]
-    return root, root / "base", fts
+    return root, *base_and_finetunes(root, "gpt2", (31, 32))
 
 
 # ----------------------------------------------------------------------------- theory: eigenvalues in

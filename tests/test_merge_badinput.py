@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import edited, CORPUS, perturbed, save_hf, tiny_model, tiny_tokenizer
+from tiny import CORPUS, base_and_finetunes, edited, perturbed, save_hf, tiny_tokenizer
 
 from taskvec.cli import main
 from taskvec.errors import TaskvecError
@@ -31,9 +31,7 @@ def poison(value):
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
     root = tmp_path_factory.mktemp("badinput")
-    base = tiny_model("gpt2", seed=0)
-    save_hf(base, root / "base", tiny_tokenizer())
-    fts = [save_hf(perturbed(base, scale=1e-2, seed=s), root / f"ft{s}") for s in (51, 52)]
+    _, fts = base_and_finetunes(root, "gpt2", (51, 52))
     nan_ft = edited(fts[1], root / "nanft", poison(float("nan")))
     inf_base = edited(root / "base", root / "infbase", poison(float("inf")))
     merged = merge_checkpoints(root / "base", fts, "task_arithmetic", MergeParams(weights=(0.5, 0.8)),

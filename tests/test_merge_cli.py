@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from tiny import perturbed, save_hf, tiny_model, tiny_tokenizer
+from tiny import base_and_finetunes, save_hf, tiny_model
 
 from taskvec.cli import main
 from taskvec.errors import TaskvecError
@@ -20,10 +20,7 @@ from taskvec.merge.mergekit_yaml import read_mergekit_config
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    base = tiny_model("llama", seed=0)
-    save_hf(base, root / "base", tiny_tokenizer())
-    fts = [save_hf(perturbed(base, scale=1e-2, seed=s), root / f"ft{s}") for s in (31, 32)]
-    return root, root / "base", fts
+    return root, *base_and_finetunes(root, "llama", (31, 32))
 
 
 def tensors(folder):

@@ -12,17 +12,11 @@ from taskvec.ntk import (build_space, compute_kernel, cross_task, eigendirection
 from taskvec.ntk.kernel import KernelResult, _size
 from taskvec.ntk.sketch import CountSketch, sketch_bound
 from taskvec.outputs import LinearHead, make_output
-from tiny import tiny_model, tiny_tokenizer
+from tiny import PROBE_PAIRS, tiny_model, tiny_tokenizer
 
 
 
-PAIRS = [{"prompt": "what is 3 plus 4 ?", "target": " 7"},
-         {"prompt": "the", "target": " movie was wonderful"},
-         {"prompt": "calculate 6 times 7 .", "target": " 42"},
-         {"prompt": "i love this phone", "target": " , battery lasts forever"},
-         {"prompt": "worst", "target": " purchase ever"},
-         {"prompt": "the market rose", "target": " sharply after the news"},
-         {"prompt": "a dull , boring", "target": " film"}]
+PAIRS = PROBE_PAIRS[:7]
 TEXTS = [{"text": t, "label": i % 3} for i, t in enumerate(
     ["the movie was wonderful", "dull", "what is 3 plus 4 ? 7 and more", "i love this phone",
      "worst purchase ever , broke in two days", "the market rose", "a boring film with terrible pacing"])]

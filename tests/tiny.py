@@ -106,6 +106,26 @@ def save_hf(model, path: str | Path, tokenizer=None, **kw) -> Path:
     return path
 
 
+def base_and_finetunes(root: str | Path, arch: str, seeds, scale: float = 1e-2) -> tuple[Path, list[Path]]:
+    """A tiny `arch` base (seed 0, with tokenizer) saved in root/base and one perturbed fine-tune per seed in
+    root/ft<seed>: a small real collection on disk."""
+    root = Path(root)
+    base = tiny_model(arch, seed=0)
+    save_hf(base, root / "base", tiny_tokenizer())
+    return root / "base", [save_hf(perturbed(base, scale=scale, seed=s), root / f"ft{s}") for s in seeds]
+
+
+# prompt/target probes for causal-LM outputs (logprob): short, varied, all in the tiny tokenizer's corpus
+PROBE_PAIRS = [{"prompt": "what is 3 plus 4 ?", "target": " 7"},
+               {"prompt": "the", "target": " movie was wonderful"},
+               {"prompt": "calculate 6 times 7 .", "target": " 42"},
+               {"prompt": "i love this phone", "target": " , battery lasts forever"},
+               {"prompt": "worst", "target": " purchase ever"},
+               {"prompt": "the market rose", "target": " sharply after the news"},
+               {"prompt": "a dull , boring", "target": " film"},
+               {"prompt": "what is 12 minus 5 ?", "target": " 7"}]
+
+
 def edited(src: str | Path, dst: str | Path, edit) -> Path:
     """Copy an HF folder to `dst`, applying `edit(state_dict)` to its model.safetensors (a hand-broken model)."""
     import shutil

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import align, check_finite, extra_tensors, name_list, name_sequence, open_checkpoint, source_list
+from ..checkpoints import align, check_finite, extra_tensors, name_list, open_checkpoint, source_list
 from ..errors import TaskvecError
 from ..io import atomic_dir, atomic_write_json
 from ..scope import group_of, resolve_scope
