@@ -192,11 +192,28 @@ def check_out_dir(path: str | os.PathLike, *, overwrite: bool = False, inputs=()
         raise TaskvecError(f"{path} holds a model or collection in {nested}; --overwrite never replaces those: "
                            "move it out, or choose another --out")
     cache = cache_dir().resolve()
+    if any(d in resolved.parents for d in (cache / "ntk", cache / "reports")):  # taskvec's own cache entries
+        return
     ours = any((path / f).is_file() for f in (OUTPUT_MARKER,) + _EARLIER_OUTPUTS)
-    derived = any(d in resolved.parents for d in (cache / "ntk", cache / "reports"))  # taskvec's own cache entries
-    if not ours and not derived:
+    if not ours:
         raise TaskvecError(f"{path} was not written by taskvec (no {OUTPUT_MARKER}): --overwrite only replaces "
                            f"taskvec's own output folders; choose another --out or remove it yourself")
+    foreign = _foreign_files(path) if changed is None else []  # no listing: judge the files by their kind
+    if foreign:
+        raise TaskvecError(f"{path} holds files taskvec does not write ({name_list(foreign, 3)}); --overwrite never "
+                           "loses those: move them out, or choose another --out")
+
+
+# what a taskvec output folder holds: records, tables, arrays, figures, weights and tokenizer/config files
+_OUTPUT_SUFFIXES = {".json", ".jsonl", ".npy", ".npz", ".png", ".pdf", ".svg", ".html", ".safetensors", ".txt",
+                    ".model", ".jinja"}
+
+
+def _foreign_files(path: Path) -> list[str]:
+    """Files under `path` of kinds taskvec never writes (a user's notes, sources, data), for a folder whose
+    marker holds no listing (written by an older taskvec, or only a record file names it taskvec's)."""
+    return [p.relative_to(path).as_posix() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != OUTPUT_MARKER and p.suffix.lower() not in _OUTPUT_SUFFIXES]
 
 
 def _why_model_stays(path: Path, changed: list[str] | None, replaces_models: bool) -> str | None:

@@ -190,3 +190,24 @@ def test_partial_of_a_killed_but_unreaped_run_is_swept(tmp_path):
     _write(tmp_path / "out")
     proc.wait()
     assert not stale.exists()
+
+
+def test_overwrite_without_a_listing_never_loses_a_users_files(tmp_path, monkeypatch):
+    """A folder that only a report's file name (results.json) or an older plain marker calls taskvec's is
+    replaced only when all it holds is what taskvec writes; a user's notes or data next to it stay."""
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    proj = tmp_path / "myproj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "results.json").write_text("{}")
+    (proj / "thesis.tex").write_text("important")
+    (proj / "data" / "d.csv").write_text("x")
+    with pytest.raises(TaskvecError, match=r"holds files taskvec does not write \(data/d.csv, thesis.tex\)"):
+        _write(proj, overwrite=True)
+    assert (proj / "thesis.tex").read_text() == "important" and (proj / "data" / "d.csv").is_file()
+    (proj / OUTPUT_MARKER).write_text("written by taskvec\n")  # an older taskvec's marker: no listing either
+    with pytest.raises(TaskvecError, match="holds files taskvec does not write"):
+        _write(proj, overwrite=True)
+    (proj / "thesis.tex").unlink()
+    (proj / "data" / "d.csv").unlink()
+    _write(proj, overwrite=True)  # only what taskvec writes: replaced
+    assert not (proj / "results.json").exists()
