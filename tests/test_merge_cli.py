@@ -272,3 +272,14 @@ def test_overwrite_never_loses_what_was_added_to_a_taskvec_output(coll, tmp_path
     assert (fresh / "taskvec_applied.json").is_file() and not (fresh / "taskvec_merge.json").exists()
     assert main([*merge[:-4], "--out", str(fresh), "--no-progress", "--overwrite"]) == 0
     assert (fresh / "taskvec_merge.json").is_file() and not (fresh / "taskvec_applied.json").exists()
+
+
+def test_density_advice_never_precedes_an_error(coll, tmp_path, capsys):
+    """ties without --density on inputs that cannot be merged prints the error alone (the advice comes only
+    once the inputs are known good)."""
+    root, base, fts = coll
+    other = save_hf(tiny_model("gpt2", seed=3), tmp_path / "other")
+    assert main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), str(other), "--out",
+                 str(tmp_path / "m"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("taskvec merge: error: ") and err.count("\n") == 1 and "density" not in err

@@ -154,9 +154,6 @@ class MergeMethod:
             return f"fine-tune {names[i]}" if i < len(names) else f"fine-tune #{i + 1}"
 
         weights = _broadcast(params.weights, n_models, "weight")
-        if params.densities is None and self.uses_density:
-            warnings.warn(f"{self.name} without --density: density defaults to 1 (as in mergekit), so "
-                          f"{density_one_means(self)}; pass --density (e.g. 0.2-0.5)", TaskvecWarning, stacklevel=3)
         densities = _broadcast(params.densities or (1.0,), n_models, "density")
         for i, w in enumerate(weights):
             if not math.isfinite(w):
@@ -204,6 +201,14 @@ class MergeMethod:
         rec["conventions"] = dict(self.conventions)
         rec["arithmetic_dtype"] = "float32"
         return rec
+
+
+def warn_no_density(method: MergeMethod, params: MergeParams) -> None:
+    """Say that ties / dare_* given no density keep mergekit's default 1 (nothing trimmed or dropped); called
+    once the inputs are known good, so that advice never precedes an error."""
+    if params.densities is None and method.uses_density:
+        warnings.warn(f"{method.name} without --density: density defaults to 1 (as in mergekit), so "
+                      f"{density_one_means(method)}; pass --density (e.g. 0.2-0.5)", TaskvecWarning, stacklevel=3)
 
 
 def density_one_means(method: MergeMethod) -> str:

@@ -28,7 +28,8 @@ from ..io import atomic_dir, atomic_write_json, built_model, check_out_dir
 from ..scope import resolve_scope
 from . import get_method
 from .base import (MergeMethod, MergeParams, TensorContext, align_finetunes, as_merge_params,
-                   refuse_duplicate_finetunes, refuse_same_content)
+                   refuse_duplicate_finetunes, refuse_same_content,
+                   warn_no_density)
 from .ties import GlobalMagnitudeThreshold
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -148,6 +149,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod,
     if out_dtype is not None and out_dtype not in DTYPES:
         raise TaskvecError(f"--dtype {out_dtype!r}: choose one of {sorted(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
+    given = params
     params = method.resolve(params, len(finetunes), finetunes)
     refuse_duplicate_finetunes(finetunes, "give it a larger --weight to count it more")
     srcs = [str(getattr(s, "source", s)) for s in [base, *finetunes]]
@@ -164,6 +166,7 @@ def merge_checkpoints(base, finetunes: Sequence, method: str | MergeMethod,
     floats = [n for n in names if n not in excluded]
     merged_names = resolve_scope(floats, scope)
     alignments = align_finetunes(base, fts, merged_names, "Merge")
+    warn_no_density(method, given)
     in_scope = set(merged_names)
     out_dtypes = {n: (DTYPES[out_dtype] if out_dtype and base.dtype(n).is_floating_point else base.dtype(n))
                   for n in names}
