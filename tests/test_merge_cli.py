@@ -279,6 +279,7 @@ def test_density_advice_never_precedes_an_error(coll, tmp_path, capsys):
     once the inputs are known good)."""
     root, base, fts = coll
     other = save_hf(tiny_model("gpt2", seed=3), tmp_path / "other")
+    capsys.readouterr()
     assert main(["merge", "--base", str(base), "--method", "ties", str(fts[0]), str(other), "--out",
                  str(tmp_path / "m"), "--no-progress"]) == 2
     err = capsys.readouterr().err
