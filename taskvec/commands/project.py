@@ -146,7 +146,10 @@ def run(args) -> int:
 
     inputs = [x for x in (getattr(args, "model", None), args.task_vector, args.kernel, getattr(args, "data", None)) if x]
     check_out_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # fail before the work, not after it
+    import warnings
+
     from ..checkpoints import warn_extra_tensors
+    from ..errors import TaskvecWarning, counted, name_list
     from ..ntk import KernelResult, finite_difference, jvp, match_direction, project, random_control
 
     model, output, examples, desc = load_setup(args)
@@ -155,6 +158,11 @@ def run(args) -> int:
     if alignment and alignment.get("extra"):
         warn_extra_tensors({args.task_vector: alignment["extra"]}, "left out of τ (not projected)",
                            "projection.json under alignment.extra")
+    missing = tv.meta.get("missing_in_ft") or []
+    if missing:  # as `taskvec vectors` does: τ is partial, say so rather than project it silently
+        warnings.warn(f"{counted(len(missing), 'tensor')} in scope missing in {args.task_vector}: "
+                      f"{name_list(missing)}; τ is projected without them (listed in projection.json under "
+                      "alignment.missing; narrow --scope to leave them out on purpose)", TaskvecWarning, stacklevel=2)
     _check_nonzero(args, tv.norm() ** 2, f"on all its {len(tv)} tensors")
     unverified = []
     if args.kernel:
