@@ -940,13 +940,19 @@ def align(base: Checkpoint, other: Checkpoint) -> Alignment:
     for k in base.keys():
         reason = buffer_reason(base, k)
         (al.excluded.__setitem__(k, reason) if reason else base_keys.append(k))
+    bmap = _canonical_map(base_keys)
     for k in other.keys():
         reason = buffer_reason(other, k)
         if reason and not other.is_delta:
+            twin = bmap.get(canonical_name(k))
+            if twin is not None and not other.dtype(k).is_floating_point:  # a weight saved as integers
+                raise TaskvecError(f"{other.source}: tensor {k!r} is stored as {other.dtype(k)} but the base "
+                                   f"{base.source} holds it as {base.dtype(twin)}; a fine-tune keeps its base's "
+                                   "floating-point weights — re-save it in a floating dtype (e.g. float32)")
             al.excluded.setdefault(k, reason)
         else:
             other_keys.append(k)
-    bmap, omap = _canonical_map(base_keys), _canonical_map(other_keys)
+    omap = _canonical_map(other_keys)
     used_other = set()
     for c, bname in bmap.items():
         oname = omap.get(c)

@@ -371,3 +371,18 @@ def test_prefetch_hints_exactly_the_tensor_bytes(coll, monkeypatch):
     calls.clear()
     open_checkpoint(coll["ft"][0]).prefetch("no.such.tensor")
     assert not calls
+
+
+def test_a_weight_stored_as_integers_is_refused_by_name(tmp_path):
+    """A fine-tune that saved one float weight of the base as int32 is refused naming the tensor and both
+    dtypes (it used to leave the scope silently, or be called 'missing')."""
+    from taskvec.vectors import TaskVector
+
+    base = tiny_model("gpt2")
+    save_hf(base, tmp_path / "base")
+    sd = {k: v.clone() for k, v in base.state_dict().items()}
+    sd["transformer.h.0.mlp.c_fc.weight"] = sd["transformer.h.0.mlp.c_fc.weight"].to(torch.int32)
+    torch.save(sd, tmp_path / "ft_int.pt")
+    with pytest.raises(TaskvecError, match=r"tensor 'transformer.h.0.mlp.c_fc.weight' is stored as torch.int32 but "
+                                           r"the base .* holds it as torch.float32"):
+        TaskVector.from_checkpoints(tmp_path / "base", tmp_path / "ft_int.pt", progress=False)
